@@ -21,6 +21,10 @@ setup(
         "numpy==2.4.6",
         "safetensors==0.8.0",
         "pillow==13.0.0",
+        "tensorboardX==2.6.5",
+        "tqdm==4.70.1",
+        "tokenizers==0.23.3",
+        "absl-py==2.5.1",
     ],
     extras_require={
         # torch 2.13.0 resolves to the local CPU wheel; an unpinned torch pulls CUDA packages.

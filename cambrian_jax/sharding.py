@@ -1,0 +1,91 @@
+"""The device mesh and the logical→mesh rules that place every parameter and activation.
+
+Modules name their axes (layers.py lists the names); the config holds one ordered rules table
+mapping each logical name to mesh axes. The first rule whose mesh axes are still free and divide the
+dimension wins; otherwise the dimension is replicated. No PartitionSpec literal lives in model code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cambrian_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(parallelism: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Degrees per mesh axis; one axis may be -1 = whatever devices remain."""
+    dims = [int(parallelism.get(a, 1)) for a in MESH_AXES]
+    if dims.count(-1) > 1:
+        raise ConfigError("config field mesh: at most one axis may be -1 (the rest of the devices)")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if num_devices % known:
+            raise ConfigError(f"config field mesh: {dict(zip(MESH_AXES, dims))} cannot fill {num_devices} devices "
+                              f"({num_devices} is not a multiple of {known})")
+        dims[dims.index(-1)] = num_devices // known
+    if math.prod(dims) != num_devices:
+        raise ConfigError(f"config field mesh: {dict(zip(MESH_AXES, dims))} uses {math.prod(dims)} devices but "
+                          f"{num_devices} are present; make the product match or set one axis to -1")
+    return tuple(dims)
+
+
+def make_mesh(parallelism: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(dict(parallelism), len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], rules: Sequence[tuple[str, Any]],
+                 mesh: Mesh) -> PartitionSpec:
+    """Resolve logical axis names to a PartitionSpec for an array of `shape` on `mesh`."""
+    table: dict[str, list] = {}
+    for logical, axes in rules:
+        table.setdefault(logical, []).append(axes)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape):
+        chosen = None
+        for axes in table.get(name, []) if name else []:
+            axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            size = math.prod(mesh.shape[a] for a in axes_t) if axes_t else 1
+            if axes_t and not used.intersection(axes_t) and dim % size == 0 and size > 1:
+                chosen = axes_t[0] if len(axes_t) == 1 else axes_t
+                used.update(axes_t)
+                break
+        out.append(chosen)
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: Any, rules: Sequence[tuple[str, Any]], mesh: Mesh) -> Any:
+    """NamedShardings for an (abstract) nnx.State from each variable's `out_sharding` names."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            shape = x.get_value().shape
+            names = x.get_metadata().get("out_sharding") or (None,) * len(shape)
+            return x.replace(NamedSharding(mesh, logical_spec(names, shape, rules, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch are split over every data-parallel axis (data × fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(local_batch: dict[str, np.ndarray], batch_sh: NamedSharding) -> dict[str, jax.Array]:
+    """Each host's rows → one global array per field, sharded over the data-parallel axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in local_batch.items()}

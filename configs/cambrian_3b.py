@@ -1,0 +1,10 @@
+"""Cambrian-1 3B: the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7.1)."""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.model = common.released_model("3b")
+    return config

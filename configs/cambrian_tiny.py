@@ -1,0 +1,46 @@
+"""A tiny Cambrian for a laptop CPU: the four tower kinds at toy width, the full SVA, a 4-layer decoder.
+
+Every mechanism of the released model is exercised at toy scale: SigLIP's VALID patch conv and its
+5×5 → 4×4 token interpolation, CLIP's second-to-last layer, DINOv2's 4.37-style position-embedding
+interpolation (-res28 on a 5×5 learned grid), multi-stage ConvNeXt with 2×2 SVA windows and their
+position embedding, and in-LLM aggregators after decoder layers 0 and 2.
+
+  python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir /tmp/tiny
+"""
+import ml_collections
+
+from configs import common
+
+TINY_TOWERS = {
+    "siglip/tiny-7-36": dict(image_size=36, patch_size=7, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=2),
+    "openai/clip-tiny-patch7-28": dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64,
+                                       num_layers=3, num_heads=2),
+    "facebook/dinov2-tiny-res28": dict(patch_size=7, hidden_size=32, intermediate_size=64, num_layers=2,
+                                       num_heads=2, pos_grid=5),
+    "clip-convnext-tiny-multi-stage": dict(image_size=64, depths=(1, 1, 2, 1), dims=(8, 16, 32, 64)),
+}
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        towers=list(TINY_TOWERS),
+        tower_token_lens=[16, 16, 16, 64],
+        tower_overrides=TINY_TOWERS,
+        select_layer=-2,
+        connector=common.connector(num=2, start=0, stride=2, vision_hidden_size=32, num_heads=4,
+                                   query_num_list=[16], connector_depth=2, image_token_len=16),
+        decoder=ml_collections.ConfigDict(dict(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+            rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, rope_scaling=None)),
+        image_position=12,
+        max_len=96,
+        dtype="float32",
+        remat="none",
+    ))
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.model = tiny_model()
+    return config
