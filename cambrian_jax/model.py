@@ -92,3 +92,10 @@ def static_layout(cfg: CambrianConfig, input_ids: Sequence[Sequence[int]],
         ids[i, :len(r)], attn[i, :len(m)] = r, m
     tower_masks = [np.stack([layout.grid_mask(s, t.side) for s in image_sizes]) for t in cfg.towers]
     return dict(input_ids=ids, attention_mask=attn, positions=layout.positions(attn), tower_masks=tower_masks)
+
+
+def init_model(cfg: CambrianConfig, seed: int = 0) -> Cambrian:
+    """A freshly initialised model, created in one compiled program (eager init compiles per shape)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.state(Cambrian(cfg, rngs=nnx.Rngs(seed))))()
+    return nnx.merge(graphdef, state)

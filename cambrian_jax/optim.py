@@ -64,7 +64,7 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float) -> optax.Sch
 
 def make_optimizer(stage, trainable_state: nnx.State, total_steps: int):
     """(optax transform, {group name: schedule}) for the stage's trainable parameters."""
-    groups = [(g.pattern, g.lr) for g in stage.lr_groups]
+    groups = [(g["pattern"], g["lr"]) for g in stage.lr_groups]
     if not groups:
         raise ConfigError("config field lr_groups: a stage needs at least one learning-rate group")
     scheds = {i: schedule(lr, total_steps, stage.warmup_ratio) for i, (_, lr) in enumerate(groups)}

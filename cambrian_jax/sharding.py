@@ -70,6 +70,8 @@ def state_shardings(state: Any, rules: Sequence[tuple[str, Any]], mesh: Mesh) ->
     """NamedShardings for an (abstract) nnx.State from each variable's `out_sharding` names."""
     def one(x):
         if isinstance(x, nnx.Variable):
+            if not hasattr(x.get_value(), "shape"):  # optax's MaskedNode: an empty subtree
+                return x
             shape = x.get_value().shape
             names = x.get_metadata().get("out_sharding") or (None,) * len(shape)
             return x.replace(NamedSharding(mesh, logical_spec(names, shape, rules, mesh)))

@@ -76,6 +76,8 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if config.get("prng_impl"):
+            jax.config.update("jax_default_prng_impl", config.prng_impl)
         self.model_cfg = config_lib.from_dict(config.model)
         self.mesh = sharding.make_mesh(dict(config.mesh))
         self.rules = [tuple(r) for r in config.sharding_rules]
@@ -195,17 +197,21 @@ class Trainer:
     def _restore(self, mgr, step, abs_train, abs_frozen, abs_opt, sh_train, sh_frozen, sh_opt, data=None):
         target = dict(params=self._abstract(abs_train, sh_train), opt=self._abstract(abs_opt, sh_opt),
                       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh)))
-        items = dict(state=ocp.args.StandardRestore(target),
-                     frozen=ocp.args.StandardRestore(self._abstract(abs_frozen, sh_frozen)))
+        items = dict(state=ocp.args.StandardRestore(target))
+        if jax.tree.leaves(abs_frozen):
+            items["frozen"] = ocp.args.StandardRestore(self._abstract(abs_frozen, sh_frozen))
         if data is not None:
             import grain
             items["data"] = grain.checkpoint.CheckpointRestore(data)
-        return mgr.restore(step, args=ocp.args.Composite(**items))
+        restored = dict(mgr.restore(step, args=ocp.args.Composite(**items)))
+        restored.setdefault("frozen", abs_frozen)
+        return restored
 
     def _save(self, mgr, step, state, frozen, data, final=False, force=False) -> bool:
         import grain
-        items = dict(state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-                     data=grain.checkpoint.CheckpointSave(data))
+        items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data))
+        if jax.tree.leaves(frozen):  # orbax refuses empty items (a stage that trains everything)
+            items["frozen"] = ocp.args.StandardSave(frozen)
         if final:  # the next stage starts from all parameters, whatever this stage trained
             items["params"] = ocp.args.StandardSave(nnx.merge_state(state["params"], frozen))
         return mgr.save(step, args=ocp.args.Composite(**items), force=force)

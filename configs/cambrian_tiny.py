@@ -9,6 +9,7 @@ position embedding, and in-LLM aggregators after decoder layers 0 and 2.
 """
 import ml_collections
 
+from cambrian_jax.data import pipeline
 from configs import common
 
 TINY_TOWERS = {
@@ -31,9 +32,9 @@ def tiny_model() -> ml_collections.ConfigDict:
         connector=common.connector(num=2, start=0, stride=2, vision_hidden_size=32, num_heads=4,
                                    query_num_list=[16], connector_depth=2, image_token_len=16),
         decoder=ml_collections.ConfigDict(dict(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+            vocab_size=576, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
             rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, rope_scaling=None)),
-        image_position=12,
+        image_position=14,      # phi3 template + the synthetic tokenizer (data.templates.image_position)
         max_len=96,
         dtype="float32",
         remat="none",
@@ -41,6 +42,25 @@ def tiny_model() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
+    arg = common.parse_arg(arg, steps1=60, steps2=400, batch=32, eval_samples=240, workers=0)
     config = ml_collections.ConfigDict()
+    config.seed = 0
     config.model = tiny_model()
+    config.data = pipeline.data_config(source="synthetic", template="phi3", worker_count=arg.workers)
+    config.data.synthetic.num_samples = 4000
+    # Stage 1 aligns the connector on captions; stage 2 teaches the questions. The tiny towers are
+    # random (no pretrained weights on a laptop), so stage 2 also trains them, at their own rate.
+    s1, s2 = common.released_stages("tiny", arg.batch, 2e-3)
+    s1.num_steps, s2.num_steps = arg.steps1, arg.steps2
+    s1.lr_groups[0]["lr"], s1.lr_groups[1]["lr"] = 3e-3, 1e-3
+    s1.data = ml_collections.ConfigDict(dict(synthetic=dict(tasks=("caption",))))
+    s2.trainable = [common.CONNECTOR, common.DECODER, common.TOWERS]
+    s2.lr_groups = [dict(name="towers", pattern=common.TOWERS, lr=1e-3), dict(name="rest", pattern=".", lr=2e-3)]
+    config.stage1, config.stage2 = s1, s2
+    config.mesh = common.mesh()
+    config.sharding_rules = common.SHARDING_RULES
+    config.checkpoint = common.checkpoint(save_interval_steps=100, keep=2)
+    config.log_every = 20
+    config.prng_impl = "unsafe_rbg"   # random init compiles ~4x faster than threefry on CPU
+    config.eval = ml_collections.ConfigDict(dict(num_samples=arg.eval_samples, tasks=("count", "relation", "depth")))
     return config

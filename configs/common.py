@@ -79,3 +79,57 @@ def parse_arg(arg: str | None, **defaults):
         else:
             out[key] = kind(value)
     return ml_collections.ConfigDict(out)
+
+
+# Logical axis → mesh axes, in priority order (the first whose mesh axes are free and divide wins).
+# Parameters are sharded FSDP-style over `fsdp` and Megatron-style over `tensor`; activations'
+# batch rows go over data × fsdp (sharding.batch_sharding).
+SHARDING_RULES = [
+    ("vocab", "tensor"), ("vocab", "fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision", "fsdp"),
+    ("tower_embed", "fsdp"),
+    ("tower_mlp", "tensor"),
+    ("head_dim", None), ("layers", None), ("aggregators", None), ("tower_layers", None),
+]
+
+# Parameter paths (regular expressions) of the connector groups of spec §7.1.
+CONNECTOR = r"^connector/"
+PROJECTORS = r"^connector/(mm_projector|image_newline)"          # aux projectors, output projector, newline
+SAMPLERS = r"^connector/(vision_sampler|vision_query)"          # SVA, in-LLM aggregators, pos_embed, query
+DECODER = r"^decoder/"
+TOWERS = r"^towers/"
+
+
+def stage(*, trainable, lr_groups, warmup_ratio, global_batch_size, epochs=1.0, num_steps=0, accum_steps=1,
+          data=None) -> ml_collections.ConfigDict:
+    """One training stage; lr_groups are (name, pattern, peak lr), first match wins, last = default."""
+    return ml_collections.ConfigDict(dict(
+        trainable=list(trainable),
+        lr_groups=[dict(name=n, pattern=p, lr=lr) for n, p, lr in lr_groups],
+        warmup_ratio=warmup_ratio, schedule="cosine",
+        adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+        global_batch_size=global_batch_size, epochs=epochs, num_steps=num_steps, accum_steps=accum_steps,
+        data=data if data is not None else ml_collections.ConfigDict(),
+    ))
+
+
+def released_stages(size: str, global_batch_size: int, stage2_lr: float, accum_steps: int = 1):
+    """Spec §7.1: stage 1 trains the connector (1e-3 projectors, 1e-4 samplers); stage 2 everything."""
+    s1 = stage(trainable=[CONNECTOR],
+               lr_groups=[("projectors", PROJECTORS, 1e-3), ("samplers", SAMPLERS, 1e-4)],
+               warmup_ratio=0.06, global_batch_size=global_batch_size, accum_steps=accum_steps)
+    s2 = stage(trainable=[CONNECTOR, DECODER], lr_groups=[("all", r".", stage2_lr)],
+               warmup_ratio=0.03, global_batch_size=global_batch_size, accum_steps=accum_steps)
+    return s1, s2
+
+
+def checkpoint(save_interval_steps=1000, keep=3) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(save_interval_steps=save_interval_steps, keep=keep, async_save=True))
+
+
+def mesh(data=1, fsdp=-1, tensor=1) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))

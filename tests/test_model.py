@@ -10,7 +10,7 @@ from flax import nnx
 from cambrian_jax import config as config_lib
 from cambrian_jax import layout
 from cambrian_jax.config import IMAGE_TOKEN_INDEX, ConfigError
-from cambrian_jax.model import Cambrian, static_layout
+from cambrian_jax.model import Cambrian, init_model, static_layout
 from configs import cambrian_8b, cambrian_34b, cambrian_tiny
 
 
@@ -21,7 +21,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def model(cfg):
-    return Cambrian(cfg, rngs=nnx.Rngs(0))
+    return init_model(cfg, 0)
 
 
 @pytest.fixture(scope="module")
