@@ -1,0 +1,252 @@
+"""The grain pipeline: batch contract, image block layout, determinism, resume, multi-host sharding."""
+import json
+
+import numpy as np
+import pytest
+
+from cambrian_jax import layout, preprocess
+from cambrian_jax.config import IGNORE_INDEX
+from cambrian_jax.data import pipeline as P, prepare as prep, synthetic as S, templates as T
+from cambrian_jax.data.testing import tiny_model_config
+
+N_IMAGE, N_TEXT, GB = 40, 8, 8
+
+
+def _text_samples(n):
+    return [{"id": f"text-{i}", "source": "chat", "conversations": [
+        {"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": f"The number is {i}."}]}
+        for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipe")
+    tok = S.build_tiny_tokenizer(str(base / "tok"), "phi3")
+    p = T.image_position("phi3", tok)
+    samples = S.generate(N_IMAGE, tasks=S.TASKS)
+    samples[3:3] = _text_samples(N_TEXT // 2)
+    samples += _text_samples(N_TEXT)[N_TEXT // 2:]
+    (base / "img").mkdir()
+    with open(base / "data.jsonl", "w") as f:
+        for s in samples:
+            row = {k: v for k, v in s.items() if k != "meta"}
+            if "image" in s:
+                row["image"] = f"{s['id']}.png"
+                s["image"].save(base / "img" / row["image"])
+            f.write(json.dumps(row) + "\n")
+    summary = prep.prepare([str(base / "data.jsonl")], str(base / "img"), str(base / "shards"), num_shards=2,
+                           workers=0, verbose=False)
+    assert summary["written"] == len(samples) and not summary["skipped"]
+    cfg = tiny_model_config(p, max_len=128, vocab_size=len(tok))
+    return dict(tok=tok, p=p, cfg=cfg, samples=samples, shards=str(base / "shards"), tokdir=str(base / "tok"))
+
+
+def _data(env, **kw):
+    c = P.data_config(paths=[env["shards"]], tokenizer_dir=env["tokdir"], template="phi3", global_batch_size=GB,
+                      with_index=True, read_threads=2)
+    c.update(kw)
+    return c
+
+
+def _make(env, process_index=0, process_count=1, **kw):
+    return P.make_dataset(_data(env, **kw), env["cfg"], None, process_index, process_count)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batch_contract_and_image_block(env):
+    cfg, p = env["cfg"], env["p"]
+    n, block = cfg.connector.grid, cfg.connector.block_len
+    it = _make(env)
+    batches = list(it)
+    assert len(batches) == (N_IMAGE + N_TEXT) // GB == it.num_batches
+    b = batches[0]
+    spec = {"input_ids": (np.int32, (GB, 128)), "labels": (np.int32, (GB, 128)), "attention_mask": (np.bool_, (GB, 128)),
+            "positions": (np.int32, (GB, 128)), "has_image": (np.bool_, (GB,)), "index": (np.int64, (GB,))}
+    for k, t in enumerate(cfg.towers):
+        spec[f"pixels_{k}"] = (np.float32, (GB, t.image_size, t.image_size, 3))
+        spec[f"tower_mask_{k}"] = (np.bool_, (GB, t.token_len))
+    assert {k: (v.dtype.type, v.shape) for k, v in b.items()} == spec
+
+    seen_text = seen_image = 0
+    for b in batches:
+        for r in range(GB):
+            ids, lab, mask = b["input_ids"][r], b["labels"][r], b["attention_mask"][r]
+            assert (ids[p:p + block] == 0).all() and (lab[p:p + block] == IGNORE_INDEX).all()
+            np.testing.assert_array_equal(b["positions"][r], layout.positions(mask))
+            assert mask[:p].all()
+            sup = lab != IGNORE_INDEX
+            np.testing.assert_array_equal(lab[sup], ids[sup])
+            if b["has_image"][r]:
+                seen_image += 1
+                assert sup.any() and env["tok"].decode(ids[sup], skip_special_tokens=False).endswith("<|end|>")
+            else:
+                seen_text += 1
+                assert not mask[p:p + block].any()
+                assert all((b[f"pixels_{k}"][r] == 0).all() and b[f"tower_mask_{k}"][r].all()
+                           for k in range(len(cfg.towers)))
+                assert env["tok"].decode(ids[sup], skip_special_tokens=False).startswith("The number is")
+    assert seen_text == N_TEXT and seen_image == N_IMAGE
+    assert it.stats == {"ok": N_IMAGE + N_TEXT}
+
+
+def test_rows_match_direct_computation(env):
+    """One row rebuilt by hand: template encoding, the block mask of its image size, per-tower pixels."""
+    cfg, p, tok = env["cfg"], env["p"], env["tok"]
+    b = next(_make(env, shuffle=False))
+    s = env["samples"][0]
+    size = s["image"].size
+    enc = T.encode("phi3", tok, s["conversations"], image_position=p)
+    ids, mask, lab = layout.expand_image_block(enc.ids, p, cfg.connector.grid, size, enc.labels)
+    L = len(ids)
+    np.testing.assert_array_equal(b["input_ids"][0][:L], ids)
+    np.testing.assert_array_equal(b["labels"][0][:L], lab)
+    np.testing.assert_array_equal(b["attention_mask"][0][:L], mask)
+    assert not b["attention_mask"][0][L:].any() and (b["labels"][0][L:] == IGNORE_INDEX).all()
+    for k, t in enumerate(cfg.towers):
+        np.testing.assert_array_equal(b[f"pixels_{k}"][0], preprocess.preprocess(s["image"], t))
+        np.testing.assert_array_equal(b[f"tower_mask_{k}"][0], layout.grid_mask(size, t.side))
+
+
+def test_memory_and_array_record_sources_agree(env):
+    mem = P.make_memory_dataset(env["samples"], _data(env), env["cfg"], None, 0, 1)
+    for a, b in zip(_take(mem, 2), _take(_make(env), 2)):
+        _same(a, b)
+
+
+def test_determinism(env):
+    for a, b in zip(_make(env, seed=3), _make(env, seed=3)):
+        _same(a, b)
+    first = [next(_make(env, seed=s))["index"].tolist() for s in (3, 4)]
+    assert first[0] != first[1]
+
+
+def test_resume_gives_exactly_the_next_batch(env):
+    it = _make(env, num_epochs=2)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 2)
+    restored = _make(env, num_epochs=2)
+    next(restored)                      # a started iterator is repositioned too
+    restored.set_state(state)
+    for a, b in zip(expected, _take(restored, 2)):
+        _same(a, b)
+    with pytest.raises(ValueError, match="seed"):
+        _make(env, num_epochs=2, seed=9).set_state(state)
+
+
+def _rows(batches):
+    return [i for b in batches for i in b["index"].tolist()]
+
+
+def test_two_processes_cover_one_process(env):
+    one = list(_make(env))
+    parts = [list(_make(env, process_index=k, process_count=2)) for k in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(one)
+    for g, b in enumerate(one):
+        h0, h1 = parts[0][g], parts[1][g]
+        assert h0["input_ids"].shape[0] == GB // 2
+        for key in b:
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), b[key], err_msg=key)
+    rows = _rows(parts[0]) + _rows(parts[1])
+    assert len(rows) == len(set(rows)) == N_IMAGE + N_TEXT
+
+
+def test_restore_with_another_process_count(env):
+    reference = list(_make(env, num_epochs=2))
+    one = _make(env, num_epochs=2)
+    before = _take(one, 5)
+    state = one.get_state()
+    hosts = [_make(env, process_index=k, process_count=4, num_epochs=2) for k in range(4)]
+    for h in hosts:
+        h.set_state(state)
+    after = [np.concatenate([b["index"] for b in bs]) for bs in zip(*[list(h) for h in hosts])]
+    assert [b["index"].tolist() for b in before] + [a.tolist() for a in after] == \
+        [b["index"].tolist() for b in reference]
+    # Two epochs: every record exactly twice, in a different order each epoch.
+    half = len(reference) // 2
+    assert _rows(reference[:half]) != _rows(reference[half:])
+    records = [i for b in reference for i in b["index"].tolist()]
+    assert sorted(records) == sorted(list(range(N_IMAGE + N_TEXT)) * 2)
+
+
+def test_group_by_modality(env):
+    it = _make(env, group_by_modality=True, num_epochs=2)
+    batches = list(it)
+    kinds = [set(b["has_image"].tolist()) for b in batches]
+    assert sum(k == {True} for k in kinds) == 2 * (N_IMAGE // GB) and sum(k == {False} for k in kinds) == 2
+    assert len(batches) == 2 * ((N_IMAGE + N_TEXT) // GB)
+    for a, b in zip(batches, _make(env, group_by_modality=True, num_epochs=2)):
+        _same(a, b)
+    mem = P.make_memory_dataset(env["samples"], _data(env, group_by_modality=True), env["cfg"], None, 0, 1)
+    _same(next(mem), batches[0])
+
+
+def test_truncation_and_errors(env):
+    cfg = tiny_model_config(env["p"], max_len=40, vocab_size=len(env["tok"]))
+    it = P.make_dataset(_data(env, shuffle=False), cfg, None, 0, 1)
+    b = next(it)
+    assert b["input_ids"].shape == (GB, 40)
+    # Long questions lose their answers to truncation: counted, and those rows carry no labels.
+    unsupervised = int((b["labels"] == IGNORE_INDEX).all(axis=1).sum())
+    assert unsupervised > 0 and it.stats["no_supervised_tokens"] == unsupervised
+    assert it.stats["truncated"] + unsupervised + it.stats["ok"] == GB
+    with pytest.raises(T.ImagePositionError, match=f"token {env['p']}"):
+        P.make_dataset(_data(env), tiny_model_config(env["p"] + 1), None, 0, 1)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        P.make_dataset(_data(env, global_batch_size=6), env["cfg"], None, 0, 4)
+    with pytest.raises(ValueError, match="max_len"):
+        P.make_dataset(_data(env, max_len=env["p"] + 2), env["cfg"], None, 0, 1)
+
+
+def test_synthetic_source(env):
+    c = _data(env, source="synthetic")
+    c.synthetic.num_samples = 16
+    b = next(P.make_dataset(c, env["cfg"], env["tokdir"], 0, 1))
+    assert b["has_image"].all() and b["input_ids"].shape == (GB, 128)
+
+
+def test_uint8_pixels_normalise_on_device_to_the_same_values(env):
+    f32 = next(_make(env, shuffle=False))
+    u8 = next(_make(env, shuffle=False, pixel_format="uint8"))
+    for k, t in enumerate(env["cfg"].towers):
+        assert u8[f"pixels_{k}"].dtype == np.uint8
+        img = f32["has_image"]
+        np.testing.assert_allclose(np.asarray(preprocess.normalize_device(u8[f"pixels_{k}"][img], t)),
+                                   f32[f"pixels_{k}"][img], atol=1e-6)
+        text = np.asarray(preprocess.normalize_device(u8[f"pixels_{k}"][~img], t))
+        assert np.abs(text).max() < 0.01                  # the mean colour: ≈ 0 after normalisation
+
+
+def test_in_memory_bad_samples(env):
+    good = env["samples"][:GB - 1]
+    broken = {"id": "broken", "image": b"not an image", "conversations": good[0]["conversations"]}
+    invalid = {"id": "invalid", "conversations": [{"from": "gpt", "value": "no question"}]}
+    it = P.make_memory_dataset(good + [broken, invalid], _data(env, shuffle=False), env["cfg"], None, 0, 1)
+    assert it.skipped == {"empty_conversations": 1}
+    b = next(it)
+    assert b["has_image"].tolist() == [s.get("image") is not None for s in good] + [False]
+    assert (b["labels"][-1] == IGNORE_INDEX).all() and all(b[f"tower_mask_{k}"][-1].all() for k in range(4))
+    assert it.stats["unreadable_image"] == 1
+
+
+def test_stage_dataset_for_the_trainer(env, tmp_path):
+    import ml_collections
+    config = ml_collections.ConfigDict(dict(data=P.data_config(source="synthetic", template="phi3")))
+    config.data.synthetic.num_samples = 24
+    stage = ml_collections.ConfigDict(dict(global_batch_size=4, data=dict(synthetic=dict(tasks=("caption",)))))
+    it, n = P.stage_dataset(config, stage, env["cfg"], tmp_path, 0, 1)
+    assert n == 24 and it.num_batches > 10**9                      # repeats: the trainer counts the steps
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    b = next(it)
+    assert b["input_ids"].shape == (4, 128)
+    text = env["tok"].decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX])
+    assert text.endswith("background.")                              # stage 1: captions
