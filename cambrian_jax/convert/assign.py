@@ -52,16 +52,14 @@ def check(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, 
 def assign(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
     """Set module parameters from {path: array}; every path must exist with the same shape."""
     params = flat_params(module)
-    check({k: v.shape for k, v in params.items()}, {k: np.shape(v) for k, v in tensors.items()}, source)
+    check({k: v.get_value().shape for k, v in params.items()}, {k: np.shape(v) for k, v in tensors.items()}, source)
     for k, var in params.items():
-        old = var[...]
-        value = jnp.asarray(tensors[k], dtype=old.dtype)
+        old = var.get_value()  # a concrete array, or a ShapeDtypeStruct in an nnx.eval_shape module
+        value = np.asarray(tensors[k], dtype=old.dtype)
         sharding = getattr(old, "sharding", None)
-        if sharding is not None and isinstance(old, jax.Array) and not old.is_fully_replicated:
-            value = jax.device_put(value, sharding)
-        var[...] = value
+        var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
 
 def export(module: nnx.Module) -> dict[str, np.ndarray]:
     """The inverse of assign: {path: numpy array} of every parameter."""
-    return {k: np.asarray(v[...]) for k, v in flat_params(module).items()}
+    return {k: np.asarray(v.get_value()) for k, v in flat_params(module).items()}
