@@ -83,7 +83,9 @@ _KNOWN = [
 ]
 
 _KIND_DEFAULTS = {
-    "siglip": dict(patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_tanh", image_mean=(0.5, 0.5, 0.5),
+    # The released SigLIP is the open_clip/timm trunk, whose MLP uses exact GELU (HF-format SigLIP
+    # checkpoints say gelu_pytorch_tanh in their own config, which hf_tower_config reads).
+    "siglip": dict(patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu", image_mean=(0.5, 0.5, 0.5),
                    image_std=(0.5, 0.5, 0.5), pad_color=(122, 116, 104)),
     "clip": dict(patch_size=14, layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2),
     "dinov2": dict(patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu", image_mean=IMAGENET_MEAN,

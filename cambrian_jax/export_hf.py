@@ -1,0 +1,401 @@
+"""Export to the released Hugging Face layout of Cambrian-1 (spec §5.1–§5.4, §5.6).
+
+    python -m cambrian_jax.export_hf --workdir W [--step N] [--stage 1|2] --out DIR \
+        [--dtype float32|bfloat16] [--max-shard-size 5GB] [--config configs/x.py[:arg]] [--tokenizer DIR]
+
+A stage-2 (or finished) run is written as the released checkpoint:
+
+    config.json                         every Cambrian field of spec §5.2 and the LLM's own fields
+    generation_config.json
+    model-0000k-of-0000n.safetensors    PyTorch names and [out, in] layouts (spec §5.3, §5.4), no towers
+    model.safetensors.index.json        {"metadata": {"total_size"}, "weight_map": {key: shard}}
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, …  (the base tokenizer's files)
+    README.md                           a model card
+
+A stage-1 run (only the connector was trained) is written as the reference's stage-1 adapter:
+mm_projector.safetensors with the names of `mm_projector.bin` (`model.mm_projector.0.weight`, …),
+plus mm_projector.bin itself when torch is installed, and cambrian_adapter.json (the Cambrian fields).
+
+The run's configuration comes from --config, or W/config.json when the trainer wrote one; the
+tokenizer from --tokenizer, config.data.tokenizer_dir or W/tokenizer. The exported vocabulary equals
+len(tokenizer) (spec §14.4): rows beyond it are dropped (the reference would drop them on load).
+
+Python: `export(params, cfg, out, tokenizer_dir=…)` from any {path: array} / nnx.State.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cambrian_jax.config import CambrianConfig, ConfigError
+from cambrian_jax.convert import cambrian_hf
+from cambrian_jax.convert.safetensors_io import write_safetensors
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' → 5·10⁹ bytes, '500MB', '2GiB', or a plain integer (as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max shard size {size!r}: expected e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _np_dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
+    import ml_dtypes
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+
+
+def flat_params(params) -> dict[str, Any]:
+    """{"a/b/c": array} from an nnx.State, a nested dict (an orbax restore) or an already flat dict."""
+    from flax import nnx
+
+    from cambrian_jax.convert.assign import param_path
+
+    if isinstance(params, nnx.State):
+        return {param_path(p): v.get_value() if isinstance(v, nnx.Variable) else v
+                for p, v in nnx.to_flat_state(params)}
+    out: dict[str, Any] = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(node, nnx.Variable):
+            out[prefix] = node.get_value()
+        else:
+            out[prefix.removesuffix("/value")] = node
+    walk("", params)
+    return out
+
+
+class _Getter:
+    """Host numpy views of parameters, converted once each (zero-copy for CPU jax arrays)."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params, self.cache = params, {}
+
+    def __call__(self, path: str) -> np.ndarray:
+        if path not in self.cache:
+            if path not in self.params:
+                raise KeyError(f"parameter {path} is not in the exported state")
+            self.cache[path] = np.asarray(self.params[path])
+        return self.cache[path]
+
+
+def plan_shards(entries, max_bytes: int, itemsize: int) -> list[list]:
+    """Split (key, shape, producer) entries greedily in order, as save_pretrained does: a new shard
+    starts when the next tensor would overflow the current one (a larger tensor gets its own)."""
+    shards, current, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(e[1], dtype=np.int64)) * itemsize
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_sharded(entries, out: Path, dtype, max_shard_size) -> dict:
+    """model-0000k-of-0000n.safetensors shards and model.safetensors.index.json."""
+    itemsize = np.dtype(dtype).itemsize
+    shards = plan_shards(entries, parse_size(max_shard_size), itemsize)
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        total += write_safetensors(str(out / name), [(k, s, dtype, p) for k, s, p in shard], {"format": "pt"})
+        weight_map.update({k: name for k, _, _ in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"shards": [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)], "total_size": total}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _token_ids(tokenizer) -> dict[str, Any]:
+    if tokenizer is None:
+        return {}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+
+
+def export(params, cfg: CambrianConfig, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+           dtype: str = "float32", max_shard_size: str | int = "5GB", llm_config: Mapping[str, Any] | None = None,
+           generation_config: Mapping[str, Any] | None = None, fused: bool | None = None) -> dict:
+    """Write the released Hugging Face layout of a trained model to `out`.
+
+    params: {path: array} or nnx.State of the whole model (tower parameters are not written).
+    llm_config: the base LLM's (or the source checkpoint's) config.json, whose LLM fields are kept.
+    fused: write Phi-3's fused qkv_proj / gate_up_proj (default: from llm_config's model_type).
+    Returns a summary {shards, total_size, vocab_size, files}.
+    """
+    np_dtype = _np_dtype(dtype)
+    flat = flat_params(params)
+    get = _Getter(flat)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    vocab = cfg.decoder.vocab_size
+    if tokenizer_dir:
+        from cambrian_jax.data.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if len(tokenizer) > vocab:
+            raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only "
+                             f"{vocab} embedding rows; export needs len(tokenizer) <= vocab_size")
+        if len(tokenizer) < vocab:
+            log.warning("exporting %d of %d vocabulary rows so that vocab_size == len(tokenizer) (spec §14.4)",
+                        len(tokenizer), vocab)
+            vocab = len(tokenizer)
+    else:
+        log.warning("no tokenizer given: the export has no tokenizer files and vocab_size=%d is not checked "
+                    "against one", vocab)
+    if fused is None:
+        fused = cambrian_hf.family(llm_config) == "phi3"
+    entries = cambrian_hf.llm_entries(cfg.decoder, get, fused=fused, vocab_size=vocab)
+    head = entries.pop()                                  # lm_head last, after the connector, as the reference
+    entries += cambrian_hf.connector_entries(flat, get) + [head]
+    summary = write_sharded(entries, out, np_dtype, max_shard_size)
+    config = cambrian_hf.config_to_hf(cfg, llm_config, torch_dtype=dtype, vocab_size=vocab, fused=fused,
+                                      token_ids=_token_ids(tokenizer))
+    _write_json(out / "config.json", config)
+    gen = dict(generation_config) if generation_config else {
+        "_from_model_config": True, "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"), "do_sample": True}
+    if config.get("pad_token_id") is not None and not generation_config:
+        gen["pad_token_id"] = config["pad_token_id"]
+    gen.setdefault("transformers_version", config["transformers_version"])
+    _write_json(out / "generation_config.json", gen)
+    copied = []
+    if tokenizer_dir:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+            if (out / name).is_file():
+                copied.append(name)
+    (out / "README.md").write_text(model_card(cfg, config, summary, dtype))
+    summary.update(vocab_size=vocab, files=sorted(os.listdir(out)), tokenizer_files=copied)
+    return summary
+
+
+def export_adapter(params, cfg: CambrianConfig, out: str | os.PathLike, *, dtype: str = "float32") -> dict:
+    """The stage-1 adapter: mm_projector.safetensors (+ mm_projector.bin with torch), names as the
+    reference's mm_projector.bin (spec §5.6), and cambrian_adapter.json."""
+    np_dtype = _np_dtype(dtype)
+    flat = flat_params(params)
+    get = _Getter(flat)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = cambrian_hf.connector_entries(flat, get)
+    total = write_safetensors(str(out / "mm_projector.safetensors"),
+                              [(k, s, np_dtype, p) for k, s, p in entries], {"format": "pt"})
+    files = ["mm_projector.safetensors"]
+    try:
+        import torch
+    except ImportError:
+        log.info("torch is not installed: mm_projector.bin not written (mm_projector.safetensors has the same names)")
+    else:
+        from safetensors.torch import load_file
+        torch.save(load_file(str(out / "mm_projector.safetensors")), out / "mm_projector.bin")
+        files.append("mm_projector.bin")
+    fields = cambrian_hf.cambrian_fields(cfg)
+    fields["tune_mm_mlp_adapter"] = True
+    _write_json(out / "cambrian_adapter.json", fields)
+    return {"files": files + ["cambrian_adapter.json"], "total_size": total, "tensors": len(entries)}
+
+
+def model_card(cfg: CambrianConfig, config: Mapping[str, Any], summary: Mapping[str, Any], dtype: str) -> str:
+    con, dec = cfg.connector, cfg.decoder
+    towers = "\n".join(f"| {k} | `{t.name}` | {t.kind} | {t.image_size} | {t.side}×{t.side} |"
+                       for k, t in enumerate(cfg.towers))
+    n_params = summary["total_size"] // np.dtype(_np_dtype(dtype)).itemsize
+    return f"""---
+tags:
+- cambrian_llama
+- cambrian_jax
+library_name: transformers
+---
+
+# Cambrian-1 checkpoint (exported by cambrian_jax)
+
+A Cambrian-1 multimodal LLM in the layout of the released `nyu-visionx/cambrian-*` checkpoints:
+LLM and connector ({n_params:,} parameters, {dtype}), `config.json` with every Cambrian field,
+`generation_config.json` and the tokenizer. `architectures`: {config["architectures"]}.
+
+The vision towers are **not** included; as with the released checkpoints they are loaded from their
+own public weights:
+
+| k | tower | kind | input | token grid |
+|---|---|---|---|---|
+{towers}
+
+Connector: SVA width {con.vision_hidden_size}, {con.num_query_group} query group(s) {list(con.query_num_list)},
+depth {con.connector_depth}, LLM image grid {con.grid}×{con.grid} (+ a newline per row = {con.block_len}
+positions at `image_position` {cfg.image_position}), {len(con.aggregator_layers)} in-LLM aggregators after
+decoder layers {list(con.aggregator_layers)}.
+LLM: {dec.num_layers} layers, hidden {dec.hidden_size}, {dec.num_heads} heads ({dec.num_kv_heads} KV),
+vocabulary {config["vocab_size"]}.
+
+## Loading
+
+With cambrian_jax:
+
+```python
+import cambrian_jax
+model = cambrian_jax.load_pretrained("path/to/this/directory", towers={{
+{chr(10).join(f'    "{t.name}": "path/to/{t.name.split("/")[-1]}",' for t in cfg.towers)}
+}})
+```
+
+With the reference code (github.com/cambrian-mllm/cambrian): `load_pretrained_model(path, None,
+"cambrian-…")`; the directory name must contain "cambrian". The prompt must put the image at token
+{cfg.image_position} (the reference's in-LLM aggregators read a fixed position).
+"""
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` → get_config(arg), as ml_collections' config_flags does."""
+    path, _, arg = spec.partition(":")
+    path = os.path.abspath(path)
+    root = os.path.dirname(os.path.dirname(path))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location("_export_config", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise ConfigError(f"--config {spec}: no such config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def run_config(workdir, config_spec: str | None):
+    if config_spec:
+        return load_config_file(config_spec)
+    saved = workdir / "config.json"
+    if saved.exists():
+        import ml_collections
+        return ml_collections.ConfigDict(json.loads(saved.read_text()))
+    raise ConfigError(f"no --config given and {saved} does not exist; pass the run's config file "
+                      "(--config configs/x.py[:arg])")
+
+
+def _stage_steps(workdir, stage: int) -> list[int]:
+    folder = workdir / f"stage{stage}"
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "params").exists())
+
+
+def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int | None = None,
+                   step: int | None = None):
+    """(params nnx.State on the CPU, stage, step) from the trainer's orbax checkpoints: the `params`
+    item written at the final step of each stage (W/stage{n}/<step>/params). W may be remote (gs://)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+    from flax import nnx
+
+    from cambrian_jax.model import Cambrian
+
+    workdir = epath.Path(workdir)
+    stages = [stage] if stage else [2, 1]
+    for s in stages:
+        steps = _stage_steps(workdir, s)
+        if step is not None:
+            steps = [x for x in steps if x == step]
+        if steps:
+            stage, step = s, steps[-1]
+            break
+    else:
+        have = {s: _stage_steps(workdir, s) for s in (1, 2)}
+        raise ConfigError(f"{workdir}: no finished stage checkpoint with a 'params' item"
+                          f"{f' at step {step}' if step is not None else ''} in stage(s) {stages}; "
+                          f"steps with params: {have} (the trainer writes it at the final step of a stage)")
+    abstract = nnx.state(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
+    folder = workdir / f"stage{stage}"
+    mgr = ocp.CheckpointManager(folder if str(folder).startswith(("gs://", "s3://")) else folder.absolute())
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    return restored["params"], stage, step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m cambrian_jax.export_hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the training run's directory")
+    parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the stage's final one)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                        help="1: the stage-1 adapter; 2: the full model (default: the latest finished stage)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--config", default=None, help="the run's config file, configs/x.py[:arg]")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    from etils import epath
+
+    from cambrian_jax import config as config_lib
+
+    workdir = epath.Path(args.workdir)
+    run = run_config(workdir, args.config)
+    cfg = config_lib.from_dict(run.model)
+    params, stage, step = restore_params(workdir, cfg, args.stage, args.step)
+    log.info("exporting stage %d step %d of %s to %s", stage, step, workdir, args.out)
+    if stage == 1:
+        summary = export_adapter(params, cfg, args.out, dtype=args.dtype)
+    else:
+        tokenizer = args.tokenizer or (run.get("data", {}) or {}).get("tokenizer_dir") or None
+        if not tokenizer and (workdir / "tokenizer" / "tokenizer.json").exists():
+            tokenizer = str(workdir / "tokenizer")
+        if not tokenizer:
+            raise ConfigError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json) or set "
+                              "config.data.tokenizer_dir; the released layout includes the tokenizer files")
+        init = dict(run.get("init", {}) or {})
+        llm_config, generation = None, None
+        for key in ("llm", "cambrian"):
+            base = init.get(key)
+            if base and os.path.isfile(os.path.join(base, "config.json")):
+                llm_config = json.loads(Path(base, "config.json").read_text())
+                gen = Path(base, "generation_config.json")
+                generation = json.loads(gen.read_text()) if gen.is_file() else None
+        summary = export(params, cfg, args.out, tokenizer_dir=tokenizer, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, llm_config=llm_config, generation_config=generation)
+    summary.update(stage=stage, step=step)
+    shown = {k: (len(v) if k == "shards" else v) for k, v in summary.items() if k != "files"}
+    print(json.dumps(shown))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
