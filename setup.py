@@ -25,6 +25,8 @@ setup(
         "tqdm==4.70.1",
         "tokenizers==0.23.3",
         "absl-py==2.5.1",
+        "pyarrow==26.0.1",
+        "msgpack==1.2.4",
     ],
     extras_require={
         # torch 2.13.0 resolves to the local CPU wheel; an unpinned torch pulls CUDA packages.

@@ -79,6 +79,42 @@ def state_shardings(state: Any, rules: Sequence[tuple[str, Any]], mesh: Mesh) ->
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+class Constrainer:
+    """`constrain(x, logical_names)`: pin an activation's sharding with the same rules table.
+
+    The train step pins its inputs ('activation_batch') and the logits ('activation_batch',
+    'activation_length', 'activation_vocab'); names without a rule stay replicated.
+    """
+
+    def __init__(self, rules: Sequence[tuple[str, Any]], mesh: Mesh):
+        self.rules, self.mesh = list(rules), mesh
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+        return logical_spec(names, shape, self.rules, self.mesh)
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(names, x.shape)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (data × fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(global_batch: int, accum_steps: int, mesh: Mesh, process_count: int, field: str) -> None:
+    """A ConfigError naming `field` unless every micro-batch splits evenly over the data-parallel devices."""
+    dp = data_parallel_size(mesh)
+    if accum_steps < 1:
+        raise ConfigError(f"config field {field.rsplit('.', 1)[0]}.accum_steps: {accum_steps} must be >= 1")
+    if global_batch <= 0 or global_batch % (dp * accum_steps):
+        good = dp * accum_steps * max(1, round(global_batch / (dp * accum_steps)))
+        raise ConfigError(f"config field {field}: {global_batch} rows do not split into {accum_steps} micro-batch(es) "
+                          f"over the data-parallel size {dp} (mesh data × fsdp = {dict(mesh.shape)}); use a "
+                          f"multiple of {dp * accum_steps}, e.g. {good}")
+    if global_batch % process_count:
+        raise ConfigError(f"config field {field}: {global_batch} rows cannot be split over {process_count} hosts")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a batch are split over every data-parallel axis (data × fsdp)."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

@@ -1,19 +1,25 @@
 """Train Cambrian in two stages: `python -m cambrian_jax.train --config configs/x.py --workdir W`.
 
-  --stage 1|2|all    which stages to run (default all: stage 1, then stage 2 from its final state)
-  --config.a.b=v     override any config field; --config configs/x.py:arg passes get_config(arg)
+  --config configs/x.py:a=1,b   switches of the config's get_config (see each config's docstring)
+  --config.a.b=value            override any config field
+  --workdir DIR                 checkpoints, metrics.jsonl, tensorboard/ (gs://… for a TPU pod)
+  --stage 1|2|all               which stages to run (all = config.stages: stage 1, then stage 2
+                                from stage 1's final state; --stage 2 alone needs a finished stage 1)
 
 Re-running the same command resumes from the latest complete checkpoint of the current stage; a
-finished stage is not run again. SIGTERM (a TPU maintenance event) saves a checkpoint and exits.
+finished stage is not run again. SIGTERM (a TPU maintenance event) saves a checkpoint and exits 0.
+A non-finite loss stops the run (exit 1) leaving the last good checkpoint; a config error is
+reported before anything compiles (exit 2).
+
+Several processes: on a multi-host TPU slice `jax.distributed.initialize()` finds its peers by
+itself (launch_tpu.sh runs this command on every worker); elsewhere pass --coordinator_address,
+--num_processes and --process_id (on CPU the processes talk through gloo).
 """
 from __future__ import annotations
 
-import json
+import logging as pylogging
 import os
-import signal
 import sys
-import time
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,23 +28,79 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
 flags.DEFINE_enum("stage", "all", ["1", "2", "all"], "Which training stage(s) to run.")
+flags.DEFINE_string("metrics_dir", None, "metrics.jsonl and tensorboard/ (default: the workdir, or ./logs/NAME "
+                    "when the workdir is on gs://).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                  "Call jax.distributed.initialize(): auto = on a multi-host TPU slice or when "
+                  "--num_processes > 1.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs off TPU).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs off TPU).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs off TPU).")
+
+
+def _multihost_tpu() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() where several processes make one run (before any JAX computation)."""
+    import jax  # noqa: PLC0415
+
+    several = (FLAGS.num_processes or 1) > 1
+    if FLAGS.distributed == "no" or (FLAGS.distributed == "auto" and not several and not _multihost_tpu()):
+        return
+    kwargs = {}
+    if FLAGS.coordinator_address:
+        kwargs = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                      process_id=FLAGS.process_id)
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") and several:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Keep orbax's per-save INFO lines out of the training log (warnings still show)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv) -> None:
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.config is None or FLAGS.workdir is None:
-        sys.exit("usage: python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir DIR")
-    from cambrian_jax.trainer import Trainer  # after flag parsing, so --help stays fast
+        sys.exit("usage: python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir DIR "
+                 "[--stage 1|2|all]")
+    init_distributed()
+    from cambrian_jax.config import ConfigError  # noqa: PLC0415  (after flag parsing: --help stays fast)
+    from cambrian_jax.trainer import StageNotFinished, Trainer, TrainingStopped  # noqa: PLC0415
 
     config = FLAGS.config
-    if config.get("distributed", False):
-        import jax
-        jax.distributed.initialize()
-    trainer = Trainer(config, Path(FLAGS.workdir))
-    stages = (1, 2) if FLAGS.stage == "all" else (int(FLAGS.stage),)
-    for stage in stages:
-        trainer.run_stage(stage)
-    if FLAGS.stage in ("all", "2") and config.get("eval"):
+    try:
+        trainer = Trainer(config, FLAGS.workdir, log_dir=FLAGS.metrics_dir)
+    except ConfigError as e:
+        sys.stderr.write(f"config error: {e}\n")
+        sys.exit(2)
+    stages = trainer.stages if FLAGS.stage == "all" else (int(FLAGS.stage),)
+    try:
+        finished = trainer.run(stages)
+    except ConfigError as e:
+        sys.stderr.write(f"config error: {e}\n")
+        sys.exit(2)
+    except StageNotFinished as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
+    except TrainingStopped as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(1)
+    finally:
+        trainer.close()
+    if not finished:          # SIGTERM: a checkpoint was saved; the same command resumes
+        sys.exit(0)
+    if stages[-1] == trainer.stages[-1] and config.get("eval"):
         trainer.evaluate()
 
 

@@ -1,10 +1,31 @@
-"""Cambrian-1 8B: the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7.1)."""
-import ml_collections
+"""Cambrian-1 8B (Llama-3-8B-Instruct):
+the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7.1).
 
+Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggregators and queries at
+1e-4) with towers and LLM frozen; stage 2 trains the LLM and the connector at 4e-5. Both: AdamW
+(0.9, 0.999, 1e-8), no weight decay, clip 1.0, cosine to 0 after linear warmup, one epoch, global batch
+512, length 2048. Parameters and optimizer state are FSDP-sharded over every chip
+(a v4-512 slice; or a v4-64 with accum=8).
+
+  python -m cambrian_jax.train --workdir gs://BUCKET/cambrian-8b \
+    --config configs/cambrian_8b.py:data1=/data/alignment,data2=/data/cambrian7m,\
+tokenizer=/ckpt/llm,llm=/ckpt/llm,towers=/ckpt/towers
+
+Switches (configs/common.py training_config): batch, accum, steps1, steps2, data/fsdp/tensor, one_stage,
+connector_only, unfreeze_towers=1|2|12, towers_lr, remat, dtype, workers. Any field: --config.a.b=value.
+"""
 from configs import common
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.model = common.released_model("8b")
-    return config
+    return common.training_config(
+        "8b", arg,
+        global_batch=512,                           # spec §7.1
+        stage1_lr=(1e-3, 1e-4),                     # (projectors + image_newline, vision_sampler* + vision_query)
+        stage2_lr=4e-5,                             # spec §7.1
+        warmup=(0.06, 0.03),                        # warmup ratio of stage 1, stage 2
+        save_every=(1000, 2000),                    # checkpoint interval (steps) of stage 1, stage 2
+        mesh_axes=dict(data=1, fsdp=-1, tensor=1),  # -1: the rest of the devices
+        remat="full",                               # every decoder layer recomputed in the backward pass
+        dtype="bfloat16",                           # compute dtype; parameters and optimizer state stay float32
+    )

@@ -6,6 +6,9 @@ interpolation (-res28 on a 5×5 learned grid), multi-stage ConvNeXt with 2×2 SV
 position embedding, and in-LLM aggregators after decoder layers 0 and 2.
 
   python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir /tmp/tiny
+
+Switches: steps1, steps2, batch, eval_samples, workers; micro (the trainer tests' one-tower model);
+one_stage, connector_only, unfreeze_towers, towers_lr (configs/common.py stage_options).
 """
 import ml_collections
 
@@ -41,11 +44,31 @@ def tiny_model() -> ml_collections.ConfigDict:
     ))
 
 
+MICRO_TOWER = "openai/clip-tiny-patch7-28"
+
+
+def micro_model() -> ml_collections.ConfigDict:
+    """The smallest model with every part: one tower, a one-layer SVA, one in-LLM aggregator, a
+    2-layer decoder. For the trainer's tests (`:micro`): it compiles in seconds rather than minutes."""
+    m = tiny_model()
+    m.towers = [MICRO_TOWER]
+    m.tower_token_lens = [16]
+    m.tower_overrides = {MICRO_TOWER: dict(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32,
+                                           num_layers=2, num_heads=2)}
+    m.connector = common.connector(num=1, start=0, stride=1, vision_hidden_size=16, num_heads=2,
+                                   query_num_list=[16], connector_depth=1, image_token_len=16)
+    m.decoder.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1))
+    m.max_len = 96
+    return m
+
+
 def get_config(arg=None):
-    arg = common.parse_arg(arg, steps1=60, steps2=400, batch=32, eval_samples=240, workers=0)
+    arg = common.parse_arg(arg, steps1=60, steps2=400, batch=32, eval_samples=240, workers=0, micro=False,
+                           one_stage=False, connector_only=False, unfreeze_towers="", towers_lr=1e-3,
+                           tasks2="count+relation+depth+caption", lr2=2e-3)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.model = tiny_model()
+    config.model = micro_model() if arg.micro else tiny_model()
     config.data = pipeline.data_config(source="synthetic", template="phi3", worker_count=arg.workers)
     config.data.synthetic.num_samples = 4000
     # Stage 1 aligns the connector on captions; stage 2 teaches the questions. The tiny towers are
@@ -55,12 +78,23 @@ def get_config(arg=None):
     s1.lr_groups[0]["lr"], s1.lr_groups[1]["lr"] = 3e-3, 1e-3
     s1.data = ml_collections.ConfigDict(dict(synthetic=dict(tasks=("caption",))))
     s2.trainable = [common.CONNECTOR, common.DECODER, common.TOWERS]
-    s2.lr_groups = [dict(name="towers", pattern=common.TOWERS, lr=1e-3), dict(name="rest", pattern=".", lr=2e-3)]
+    s2.lr_groups = [dict(name="towers", pattern=common.TOWERS, lr=1e-3), dict(name="rest", pattern=".", lr=arg.lr2)]
+    s2.data = ml_collections.ConfigDict(dict(synthetic=dict(tasks=tuple(arg.tasks2.split("+")))))
+    if arg.micro:    # the towers are as random as the rest: stage 2 trains connector + LLM only
+        s2.trainable = [common.CONNECTOR, common.DECODER]
+        s2.lr_groups = [dict(name="all", pattern=".", lr=2e-3)]
     config.stage1, config.stage2 = s1, s2
+    config.stages = (1, 2)
+    config.init = common.init()     # nothing to load: every weight is random
     config.mesh = common.mesh()
     config.sharding_rules = common.SHARDING_RULES
     config.checkpoint = common.checkpoint(save_interval_steps=100, keep=2)
     config.log_every = 20
+    config.compilation_cache_dir = ""
     config.prng_impl = "unsafe_rbg"   # random init compiles ~4x faster than threefry on CPU
     config.eval = ml_collections.ConfigDict(dict(num_samples=arg.eval_samples, tasks=("count", "relation", "depth")))
+    if arg.micro:
+        config.eval = None
+        config.data.synthetic.num_samples = 256
+    common.stage_options(config, arg)
     return config

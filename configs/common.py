@@ -94,6 +94,10 @@ SHARDING_RULES = [
     ("tower_embed", "fsdp"),
     ("tower_mlp", "tensor"),
     ("head_dim", None), ("layers", None), ("aggregators", None), ("tower_layers", None),
+    # Activations pinned by the train step: rows over every data-parallel axis, logits' vocab over tensor.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_vocab", "tensor"),
+    ("activation_length", None),
 ]
 
 # Parameter paths (regular expressions) of the connector groups of spec §7.1.
@@ -105,14 +109,18 @@ TOWERS = r"^towers/"
 
 
 def stage(*, trainable, lr_groups, warmup_ratio, global_batch_size, epochs=1.0, num_steps=0, accum_steps=1,
-          data=None) -> ml_collections.ConfigDict:
-    """One training stage; lr_groups are (name, pattern, peak lr), first match wins, last = default."""
+          data=None, save_interval_steps=0) -> ml_collections.ConfigDict:
+    """One training stage; lr_groups are (name, pattern, peak lr), first match wins, last = default.
+
+    num_steps 0 = epochs × records / global_batch_size; save_interval_steps 0 = checkpoint's.
+    """
     return ml_collections.ConfigDict(dict(
         trainable=list(trainable),
         lr_groups=[dict(name=n, pattern=p, lr=lr) for n, p, lr in lr_groups],
         warmup_ratio=warmup_ratio, schedule="cosine",
         adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0,
         global_batch_size=global_batch_size, epochs=epochs, num_steps=num_steps, accum_steps=accum_steps,
+        save_interval_steps=save_interval_steps,
         data=data if data is not None else ml_collections.ConfigDict(),
     ))
 
@@ -133,3 +141,93 @@ def checkpoint(save_interval_steps=1000, keep=3) -> ml_collections.ConfigDict:
 
 def mesh(data=1, fsdp=-1, tensor=1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+# Hugging Face / open_clip repository names of the released towers: `towers=DIR` expects DIR/<name>.
+TOWER_DIRS = {
+    "siglip/CLIP-ViT-SO400M-14-384": "ViT-SO400M-14-SigLIP-384",
+    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336",
+    "facebook/dinov2-giant-res378": "dinov2-giant",
+    "clip-convnext-XXL-multi-stage": "CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup",
+}
+
+
+def init(llm="", towers=None, adapter="", cambrian="") -> ml_collections.ConfigDict:
+    """config.init: where the initial weights come from (cambrian_jax.pretrained.load_initial_weights)."""
+    return ml_collections.ConfigDict(dict(llm=llm, towers=ml_collections.ConfigDict(dict(towers or {})),
+                                          adapter=adapter, cambrian=cambrian))
+
+
+def stage_options(config, arg) -> None:
+    """The recipe options shared by every config (switches of `--config configs/x.py:...`).
+
+      one_stage          skip stage 1: stage 2 trains connector + LLM from config.init
+      connector_only     no in-LLM aggregators (model.connector.connector_only)
+      unfreeze_towers    '1', '2' or '12': the stages that also train the towers, at towers_lr
+    """
+    if arg.one_stage:
+        config.stages = (2,)
+    if arg.connector_only:
+        config.model.connector.connector_only = True
+    for n in str(arg.unfreeze_towers or ""):
+        if n not in "12":
+            raise ValueError(f"unfreeze_towers={arg.unfreeze_towers!r}: give the stages, e.g. 2 or 12")
+        s = config[f"stage{n}"]
+        if TOWERS not in s.trainable:
+            s.trainable = list(s.trainable) + [TOWERS]
+            s.lr_groups = [dict(name="towers", pattern=TOWERS, lr=arg.towers_lr)] + list(s.lr_groups)
+
+
+def training_config(size: str, arg, *, global_batch: int, stage1_lr: tuple[float, float], stage2_lr: float,
+                    warmup: tuple[float, float], save_every: tuple[int, int], mesh_axes: dict,
+                    remat: str = "full", dtype: str = "bfloat16", max_len: int = 2048):
+    """The whole two-stage recipe of a released size (spec §7.1), with launch-time switches:
+
+      data1, data2     prepared ArrayRecord folders of stage 1 (alignment) and stage 2 (instruction)
+      tokenizer        folder with the LLM's tokenizer.json
+      llm, towers      initial weights: the base LLM directory; a folder holding the four tower
+                       directories under their hub names (common.TOWER_DIRS)
+      adapter          a stage-1 mm_projector.bin/.safetensors (with one_stage: start stage 2 from it)
+      batch, accum     global batch (LRs scale by sqrt(batch / released batch), the README's rule)
+                       and gradient-accumulation steps
+      steps1, steps2   fixed step counts (0: one epoch of the data)
+      data, fsdp, tensor   mesh degrees (-1: the rest of the devices)
+      one_stage, connector_only, unfreeze_towers, towers_lr   see stage_options
+      remat, dtype     remat policy name (decoder.REMAT_POLICIES) and compute dtype
+      workers          grain worker processes per host
+    """
+    arg = parse_arg(arg, data1="", data2="", tokenizer="", llm="", towers="", adapter="", batch=global_batch,
+                    accum=1, steps1=0, steps2=0, data=int(mesh_axes.get("data", 1)),
+                    fsdp=int(mesh_axes.get("fsdp", -1)), tensor=int(mesh_axes.get("tensor", 1)), one_stage=False,
+                    connector_only=False, unfreeze_towers="", towers_lr=2e-6, remat=remat, dtype=dtype, workers=4)
+    from cambrian_jax.data import pipeline  # noqa: PLC0415  (light: no JAX)
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = released_model(size)
+    config.model.max_len = max_len
+    config.model.remat = arg.remat
+    config.model.dtype = arg.dtype
+    config.data = pipeline.data_config(source="array_record", template=RELEASED[size]["template"],
+                                       tokenizer_dir=arg.tokenizer, worker_count=arg.workers, max_len=max_len)
+    scale = (arg.batch / global_batch) ** 0.5
+    s1, s2 = released_stages(size, arg.batch, stage2_lr * scale, arg.accum)
+    s1.lr_groups[0]["lr"], s1.lr_groups[1]["lr"] = stage1_lr[0] * scale, stage1_lr[1] * scale
+    s1.warmup_ratio, s2.warmup_ratio = warmup
+    s1.save_interval_steps, s2.save_interval_steps = save_every
+    s1.num_steps, s2.num_steps = arg.steps1, arg.steps2
+    s1.data = ml_collections.ConfigDict(dict(paths=[p for p in arg.data1.split(";") if p]))
+    s2.data = ml_collections.ConfigDict(dict(paths=[p for p in arg.data2.split(";") if p],
+                                             group_by_modality=True))
+    config.stage1, config.stage2 = s1, s2
+    config.stages = (1, 2)
+    config.init = init(llm=arg.llm, adapter=arg.adapter,
+                       towers={n: f"{arg.towers}/{d}" for n, d in TOWER_DIRS.items()} if arg.towers else None)
+    config.mesh = mesh(arg.data, arg.fsdp, arg.tensor)
+    config.sharding_rules = SHARDING_RULES
+    config.checkpoint = checkpoint(save_interval_steps=save_every[0], keep=3)
+    config.log_every = 10
+    config.compilation_cache_dir = ""   # e.g. WORKDIR/xla_cache: a restart after preemption skips compiling
+    config.eval = None
+    stage_options(config, arg)
+    return config
