@@ -40,7 +40,7 @@ Other:
 
 Everything after -- goes to the trainer unchanged, e.g. -- --config.log_every=50.
 
-Examples (configs: docs/training.md; the data folders are `python -m cambrian_jax.data.prepare` output
+Examples (configs: README.md, "Training"; the data folders are `python -m cambrian_jax.data.prepare` output
 copied to every worker, or on a disk or bucket mount they all see):
   # Cambrian-1 8B, both stages, on a v4-512 slice (256 chips, global batch 512 = 2 rows per chip)
   ./launch_tpu.sh --name cambrian-8b --zone us-central2-b --type v4-512 --workdir gs://BUCKET/cambrian-8b \
