@@ -391,7 +391,7 @@ def load_checkpoint(path: str | os.PathLike, *, towers: Mapping[str, str] | None
     is_workdir = (path / "stage1").is_dir() or (path / "stage2").is_dir()
     if (path / "config.json").is_file() and not is_workdir:
         from cambrian_jax import pretrained
-        loaded = pretrained.load_pretrained(path, towers=towers, dtype=dtype or "float32")
+        loaded = pretrained.load_pretrained(path, towers=towers, dtype=dtype or "float32", mesh=mesh, rules=rules)
         tok = load_tokenizer(tokenizer) if tokenizer else loaded.tokenizer
         if tok is None:
             raise ConfigError(f"{path} has no tokenizer.json; pass --tokenizer DIR")

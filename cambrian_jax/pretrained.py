@@ -401,10 +401,11 @@ class CambrianForInference:
 
 def load_pretrained(path: str | os.PathLike, towers: Mapping[str, str | os.PathLike] | None = None, *,
                     dtype: str = "float32", tower_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                    image_mode: str = "pad") -> CambrianForInference:
+                    image_mode: str = "pad", mesh=None, rules=None) -> CambrianForInference:
     """A released-layout Cambrian checkpoint (spec §5.1–§5.4) with its towers from `towers`
     ({tower name in config.json: local directory}). dtype: float32 | bfloat16 | float16, for the
-    parameters and the computation."""
+    parameters and the computation. With a `mesh`, every parameter is created sharded by the logical
+    `rules` (default: the configs' table) and each host reads only the shards its devices hold."""
     path = os.fspath(path)
     hf = _read_json(os.path.join(path, "config.json"),
                     "load_pretrained expects a released Cambrian directory (config.json + safetensors shards)")
@@ -416,6 +417,11 @@ def load_pretrained(path: str | os.PathLike, towers: Mapping[str, str | os.PathL
     from cambrian_jax.model import Cambrian
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))))
+    if mesh is not None:
+        from cambrian_jax import sharding
+        from configs.common import SHARDING_RULES
+        shardings = sharding.state_shardings(state, rules or SHARDING_RULES, mesh)
+        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
     param_dtype = jnp.dtype(dtype)
     load_cambrian_into(state, reader, cfg, f"Cambrian checkpoint {path}", dtype=param_dtype)
     for k, src in enumerate(sources):
