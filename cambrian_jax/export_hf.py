@@ -316,9 +316,11 @@ def _stage_steps(workdir, stage: int) -> list[int]:
 
 
 def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int | None = None,
-                   step: int | None = None):
-    """(params nnx.State on the CPU, stage, step) from the trainer's orbax checkpoints: the `params`
-    item written at the final step of each stage (W/stage{n}/<step>/params). W may be remote (gs://)."""
+                   step: int | None = None, *, mesh=None, rules=None):
+    """(params nnx.State, stage, step) from the trainer's orbax checkpoints: the `params` item written
+    at the final step of each stage (W/stage{n}/<step>/params; default the latest finished stage).
+    W may be remote (gs://). With a mesh the parameters are restored straight into their shards
+    (every host reads its own); otherwise onto this host's first device."""
     import jax
     import orbax.checkpoint as ocp
     from etils import epath
@@ -341,8 +343,14 @@ def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int |
                           f"{f' at step {step}' if step is not None else ''} in stage(s) {stages}; "
                           f"steps with params: {have} (the trainer writes it at the final step of a stage)")
     abstract = nnx.state(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
+    if mesh is not None:
+        from cambrian_jax import sharding
+        from configs.common import SHARDING_RULES
+        shardings = sharding.state_shardings(abstract, rules or SHARDING_RULES, mesh)
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     folder = workdir / f"stage{stage}"
     mgr = ocp.CheckpointManager(folder if str(folder).startswith(("gs://", "s3://")) else folder.absolute())
     restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

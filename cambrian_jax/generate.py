@@ -332,43 +332,16 @@ def default_rules():
     return [tuple(r) for r in common.SHARDING_RULES]
 
 
-def _workdir_steps(workdir: Path, stage: int) -> list[int]:
-    folder = workdir / f"stage{stage}"
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "params").exists())
-
-
 def restore_workdir(workdir: str | os.PathLike, cfg: CambrianConfig, *, mesh=None, rules=None,
                     stage: int | None = None, step: int | None = None):
-    """(model, stage, step) from the trainer's orbax checkpoints (the `params` item written at the
-    final step of each stage, W/stage{n}/<step>/params; default the latest finished stage). With a
-    mesh the parameters are restored straight into their shards (every host reads its own)."""
-    import orbax.checkpoint as ocp
-
-    from cambrian_jax import sharding
+    """(model, stage, step) from the trainer's orbax checkpoints (export_hf.restore_params)."""
+    from cambrian_jax import export_hf
     from cambrian_jax.model import Cambrian
 
-    workdir = Path(workdir)
-    for s in ([stage] if stage else [2, 1]):
-        steps = [x for x in _workdir_steps(workdir, s) if step is None or x == step]
-        if steps:
-            stage, step = s, steps[-1]
-            break
-    else:
-        have = {s: _workdir_steps(workdir, s) for s in (1, 2)}
-        raise ConfigError(f"{workdir}: no stage checkpoint with a 'params' item{f' at step {step}' if step else ''}; "
-                          f"steps with params per stage: {have} (the trainer writes it at a stage's final step)")
-    graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    if mesh is not None:
-        shardings = sharding.state_shardings(abstract, rules or default_rules(), mesh)
-        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    else:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
-    mgr = ocp.CheckpointManager((workdir / f"stage{stage}").absolute())
-    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    return nnx.merge(graphdef, restored["params"], rest), stage, step
+    params, stage, step = export_hf.restore_params(workdir, cfg, stage, step, mesh=mesh,
+                                                   rules=rules or default_rules())
+    graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest), stage, step
 
 
 def load_checkpoint(path: str | os.PathLike, *, towers: Mapping[str, str] | None = None, config: str | None = None,
