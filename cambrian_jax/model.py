@@ -96,6 +96,6 @@ def static_layout(cfg: CambrianConfig, input_ids: Sequence[Sequence[int]],
 
 def init_model(cfg: CambrianConfig, seed: int = 0) -> Cambrian:
     """A freshly initialised model, created in one compiled program (eager init compiles per shape)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(seed))))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(seed))))
     state = jax.jit(lambda: nnx.state(Cambrian(cfg, rngs=nnx.Rngs(seed))))()
     return nnx.merge(graphdef, state)
