@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cambrian_jax.layers import LayerNorm, Linear, gelu, param
+from cambrian_jax.layers import LayerNorm, Linear, gelu, param, sequential
 
 LN_EPS = 1e-5   # every LayerNorm of the SVA and the projectors (spec §13)
 
@@ -99,12 +99,6 @@ def _norm_linear(dim_in: int, dim_out: int, dtype, rngs: nnx.Rngs) -> nnx.List:
                             rngs=rngs)])
 
 
-def _apply(seq: nnx.List, x: jax.Array) -> jax.Array:
-    for f in seq:
-        x = f(x)
-    return x
-
-
 class WindowCrossAttention(nnx.Module):
     """`cross_attn`: LayerNorm+Linear projections per tower, joint softmax over all towers' keys."""
 
@@ -123,8 +117,8 @@ class WindowCrossAttention(nnx.Module):
 
     def keys_values(self, windows: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Per-tower projections, concatenated along the key axis in tower order: [M, Σ r_k², hidden]."""
-        ks = [_apply(getattr(self, f"k_proj_{k}"), x) for k, x in enumerate(windows)]
-        vs = [_apply(getattr(self, f"v_proj_{k}"), x) for k, x in enumerate(windows)]
+        ks = [sequential(getattr(self, f"k_proj_{k}"), x) for k, x in enumerate(windows)]
+        vs = [sequential(getattr(self, f"v_proj_{k}"), x) for k, x in enumerate(windows)]
         return jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
 
     def __call__(self, h: jax.Array, windows: Sequence[jax.Array],
@@ -134,7 +128,7 @@ class WindowCrossAttention(nnx.Module):
             raise ValueError(f"expected {self.num_towers} towers' windows, got {len(windows)}")
         m, _, hidden = h.shape
         hd = hidden // self.num_heads
-        q = _apply(self.q_proj, h).reshape(m, self.num_heads, hd)
+        q = sequential(self.q_proj, h).reshape(m, self.num_heads, hd)
         k, v = self.keys_values(windows)
         k = k.reshape(m, -1, self.num_heads, hd)
         v = v.reshape(m, -1, self.num_heads, hd)

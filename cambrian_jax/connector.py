@@ -27,7 +27,7 @@ from flax import nnx
 from cambrian_jax.aggregator import (LN_EPS, VisionCrossAttentionLayer, VisionTokenSampler, axes,
                                      window, window_mask)
 from cambrian_jax.config import CambrianConfig, ConfigError, ConnectorConfig
-from cambrian_jax.layers import LayerNorm, Linear, gelu, param
+from cambrian_jax.layers import LayerNorm, Linear, gelu, param, sequential
 from cambrian_jax.resize import resize_grid
 
 
@@ -44,18 +44,6 @@ class VisionContext:
     windows: tuple[jax.Array, ...]
     window_masks: tuple[jax.Array | None, ...]
     grid: int = flax.struct.field(pytree_node=False)
-
-
-def _apply(seq, x):
-    for f in seq:
-        x = f(x)
-    return x
-
-
-def _normal(std: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * std
-    return init
 
 
 class AggregatorStack(nnx.Module):
@@ -140,7 +128,7 @@ class Connector(nnx.Module):
                 gelu,
                 Linear(v, v, axes("vision", "vision"), dtype=dtype, rngs=rngs),
                 LayerNorm(v, LN_EPS, "vision")]))
-        self.vision_query = param(rngs, _normal(1.0 / math.sqrt(v)), (cfg.num_query_group, v),
+        self.vision_query = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(v)), (cfg.num_query_group, v),
                                   (None, "vision"))
         for g, side in enumerate(self.group_sides):
             setattr(self, f"vision_sampler_{g}", VisionTokenSampler(
@@ -150,7 +138,7 @@ class Connector(nnx.Module):
             Linear(v * cfg.num_query_group, h, ("vision", "embed"), dtype=dtype, rngs=rngs),
             gelu,
             Linear(h, h, axes("embed", "embed"), dtype=dtype, rngs=rngs)])
-        self.image_newline = param(rngs, _normal(1.0 / math.sqrt(h)), (h,), ("embed",))
+        self.image_newline = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(h)), (h,), ("embed",))
         if cfg.connector_only or cfg.num_of_vision_sampler_layers == 0:
             self.vision_sampler_layers = None
         else:
@@ -171,7 +159,7 @@ class Connector(nnx.Module):
         for k, (f, s) in enumerate(zip(features, self.tower_sides)):
             if f.shape[1] != s * s:
                 raise ValueError(f"tower {k}: {f.shape[1]} tokens, expected {s}×{s} = {s * s}")
-        return [_apply(getattr(self, f"mm_projector_aux_{k}"), f).astype(self.dtype)
+        return [sequential(getattr(self, f"mm_projector_aux_{k}"), f).astype(self.dtype)
                 for k, f in enumerate(features)]
 
     def sample(self, g: int, z: Sequence[jax.Array], context: jax.Array,
@@ -202,7 +190,7 @@ class Connector(nnx.Module):
             if side != n:
                 out = resize_grid(out.reshape(b, side, side, -1), (n, n)).reshape(b, n * n, -1)
             groups.append(out)
-        x = _apply(self.mm_projector, jnp.concatenate(groups, axis=-1))           # [B, n², H]
+        x = sequential(self.mm_projector, jnp.concatenate(groups, axis=-1))           # [B, n², H]
         hdim = x.shape[-1]
         newline = jnp.broadcast_to(self.image_newline[...].astype(x.dtype), (b, n, 1, hdim))
         image_block = jnp.concatenate([x.reshape(b, n, n, hdim), newline], axis=2).reshape(b, n * (n + 1), hdim)

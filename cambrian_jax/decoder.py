@@ -67,8 +67,7 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
-def _normal(std: float = 0.02):
-    return nnx.initializers.normal(std)
+INIT_STD = 0.02  # HF Llama's initializer_range
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -120,7 +119,7 @@ class Projection(nnx.Module):
     """A bias-free projection with a multi-axis kernel, applied by an einsum spec."""
 
     def __init__(self, shape: Sequence[int], axes: Sequence[str], spec: str, *, dtype, rngs: nnx.Rngs):
-        self.kernel = param(rngs, _normal(), shape, axes)
+        self.kernel = param(rngs, nnx.initializers.normal(INIT_STD), shape, axes)
         self.spec = spec
         self.dtype = dtype
 
@@ -172,9 +171,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         h, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = Linear(h, f, ("embed", "mlp"), use_bias=False, dtype=dtype, init=_normal(), rngs=rngs)
-        self.up = Linear(h, f, ("embed", "mlp"), use_bias=False, dtype=dtype, init=_normal(), rngs=rngs)
-        self.down = Linear(f, h, ("mlp", "embed"), use_bias=False, dtype=dtype, init=_normal(), rngs=rngs)
+        init = nnx.initializers.normal(INIT_STD)
+        self.gate = Linear(h, f, ("embed", "mlp"), use_bias=False, dtype=dtype, init=init, rngs=rngs)
+        self.up = Linear(h, f, ("embed", "mlp"), use_bias=False, dtype=dtype, init=init, rngs=rngs)
+        self.down = Linear(f, h, ("mlp", "embed"), use_bias=False, dtype=dtype, init=init, rngs=rngs)
 
     def __call__(self, x):
         return checkpoint_name(self.down(jax.nn.silu(self.gate(x)) * self.up(x)), "mlp_out")
@@ -243,7 +243,8 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
-        self.embedding = param(rngs, _normal(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.embedding = param(rngs, nnx.initializers.normal(INIT_STD), (cfg.vocab_size, cfg.hidden_size),
+                               ("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -253,7 +254,7 @@ class Decoder(nnx.Module):
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                              dtype=dtype, init=_normal(), rngs=rngs)
+                              dtype=dtype, init=nnx.initializers.normal(INIT_STD), rngs=rngs)
 
     # -- ends of the decoder
     def embed(self, ids: jax.Array) -> jax.Array:

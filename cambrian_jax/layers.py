@@ -89,6 +89,13 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
 
 
+def sequential(layers, x: jax.Array) -> jax.Array:
+    """Apply a PyTorch-style Sequential (a list of modules and parameter-free functions) in order."""
+    for f in layers:
+        x = f(x)
+    return x
+
+
 def gelu(x):
     """Exact (erf) GELU, as torch.nn.GELU()."""
     return jax.nn.gelu(x, approximate=False)

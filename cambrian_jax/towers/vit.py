@@ -26,10 +26,6 @@ from cambrian_jax.towers import PatchConv, scan_layers, stack_layers
 _EMBED = ("tower_embed",)
 
 
-def _normal(std: float):
-    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
-
-
 class Attention(nnx.Module):
     """Bidirectional multi-head self-attention; softmax in float32."""
 
@@ -143,8 +139,8 @@ class CLIPTower(nnx.Module):
     def __init__(self, cfg: TowerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         c, g = cfg.hidden_size, cfg.raw_side
         self.patch_embed = PatchConv(cfg.patch_size, 3, c, use_bias=False, dtype=dtype, rngs=rngs)
-        self.cls_token = param(rngs, _normal(c ** -0.5), (c,), _EMBED)
-        self.pos_embed = param(rngs, _normal(0.02), (g * g + 1, c), (None, "tower_embed"))
+        self.cls_token = param(rngs, nnx.initializers.normal(c ** -0.5), (c,), _EMBED)
+        self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (g * g + 1, c), (None, "tower_embed"))
         self.pre_norm = LayerNorm(c, cfg.layer_norm_eps, "tower_embed")
         self.blocks = _blocks(cfg, dtype=dtype, rngs=rngs)
         self.layers_run = clip_layers_run(cfg.select_layer, cfg.num_layers)
@@ -163,7 +159,7 @@ class SigLIPTower(nnx.Module):
     def __init__(self, cfg: TowerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         c, g = cfg.hidden_size, cfg.raw_side
         self.patch_embed = PatchConv(cfg.patch_size, 3, c, use_bias=True, dtype=dtype, rngs=rngs)
-        self.pos_embed = param(rngs, _normal(c ** -0.5), (g * g, c), (None, "tower_embed"))
+        self.pos_embed = param(rngs, nnx.initializers.normal(c ** -0.5), (g * g, c), (None, "tower_embed"))
         self.blocks = _blocks(cfg, dtype=dtype, rngs=rngs)
         self.post_norm = LayerNorm(c, cfg.layer_norm_eps, "tower_embed")
         self.cfg, self.dtype = cfg, dtype
@@ -197,8 +193,8 @@ class DINOv2Tower(nnx.Module):
         if pg < 1:
             raise ConfigError(f"tower {cfg.name!r}: DINOv2 needs pos_grid (the side of its learned position grid)")
         self.patch_embed = PatchConv(cfg.patch_size, 3, c, use_bias=True, dtype=dtype, rngs=rngs)
-        self.cls_token = param(rngs, _normal(0.02), (c,), _EMBED)
-        self.pos_embed = param(rngs, _normal(0.02), (pg * pg + 1, c), (None, "tower_embed"))
+        self.cls_token = param(rngs, nnx.initializers.normal(0.02), (c,), _EMBED)
+        self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (pg * pg + 1, c), (None, "tower_embed"))
         self.blocks = _blocks(cfg, layer_scale=True, dtype=dtype, rngs=rngs)
         self.norm = LayerNorm(c, cfg.layer_norm_eps, "tower_embed")
         self.cfg, self.dtype = cfg, dtype
