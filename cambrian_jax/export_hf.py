@@ -345,8 +345,7 @@ def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int |
     abstract = nnx.state(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     if mesh is not None:
         from cambrian_jax import sharding
-        from configs.common import SHARDING_RULES
-        shardings = sharding.state_shardings(abstract, rules or SHARDING_RULES, mesh)
+        shardings = sharding.state_shardings(abstract, rules or sharding.DEFAULT_RULES, mesh)
         target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
     else:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

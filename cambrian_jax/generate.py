@@ -328,8 +328,8 @@ class LoadedCheckpoint:
 
 
 def default_rules():
-    from configs import common
-    return [tuple(r) for r in common.SHARDING_RULES]
+    from cambrian_jax import sharding
+    return list(sharding.DEFAULT_RULES)
 
 
 def restore_workdir(workdir: str | os.PathLike, cfg: CambrianConfig, *, mesh=None, rules=None,

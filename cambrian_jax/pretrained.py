@@ -419,8 +419,7 @@ def load_pretrained(path: str | os.PathLike, towers: Mapping[str, str | os.PathL
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Cambrian(cfg, rngs=nnx.Rngs(0))))
     if mesh is not None:
         from cambrian_jax import sharding
-        from configs.common import SHARDING_RULES
-        shardings = sharding.state_shardings(state, rules or SHARDING_RULES, mesh)
+        shardings = sharding.state_shardings(state, rules or sharding.DEFAULT_RULES, mesh)
         state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
     param_dtype = jnp.dtype(dtype)
     load_cambrian_into(state, reader, cfg, f"Cambrian checkpoint {path}", dtype=param_dtype)

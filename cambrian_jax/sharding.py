@@ -18,6 +18,25 @@ from cambrian_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Logical axis → mesh axes, in priority order (the first whose mesh axes are free and divide wins).
+# Parameters are sharded FSDP-style over `fsdp` and Megatron-style over `tensor`. The configs hold a
+# copy (config.sharding_rules); inference without a config uses this one.
+DEFAULT_RULES = (
+    ("vocab", "tensor"), ("vocab", "fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision", "fsdp"),
+    ("tower_embed", "fsdp"),
+    ("tower_mlp", "tensor"),
+    ("head_dim", None), ("layers", None), ("aggregators", None), ("tower_layers", None),
+    # Activations pinned by the train step: rows over every data-parallel axis, logits' vocab over tensor.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_vocab", "tensor"),
+    ("activation_length", None),
+)
+
 
 def mesh_shape(parallelism: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Degrees per mesh axis; one axis may be -1 = whatever devices remain."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cambrian_jax import sharding
+
 RELEASED_TOWERS = (
     "siglip/CLIP-ViT-SO400M-14-384",
     "openai/clip-vit-large-patch14-336",
@@ -81,24 +83,9 @@ def parse_arg(arg: str | None, **defaults):
     return ml_collections.ConfigDict(out)
 
 
-# Logical axis → mesh axes, in priority order (the first whose mesh axes are free and divide wins).
-# Parameters are sharded FSDP-style over `fsdp` and Megatron-style over `tensor`; activations'
-# batch rows go over data × fsdp (sharding.batch_sharding).
-SHARDING_RULES = [
-    ("vocab", "tensor"), ("vocab", "fsdp"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vision", "fsdp"),
-    ("tower_embed", "fsdp"),
-    ("tower_mlp", "tensor"),
-    ("head_dim", None), ("layers", None), ("aggregators", None), ("tower_layers", None),
-    # Activations pinned by the train step: rows over every data-parallel axis, logits' vocab over tensor.
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_vocab", "tensor"),
-    ("activation_length", None),
-]
+# Logical axis → mesh axes, in priority order (cambrian_jax/sharding.py DEFAULT_RULES lists and
+# explains them). Each config holds its own copy as config.sharding_rules, to change per run.
+SHARDING_RULES = list(sharding.DEFAULT_RULES)
 
 # Parameter paths (regular expressions) of the connector groups of spec §7.1.
 CONNECTOR = r"^connector/"
