@@ -27,8 +27,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cambrian_jax.layers import LayerNorm, Linear, gelu, param, sequential
+from cambrian_jax.sharding import constrain
 
 LN_EPS = 1e-5   # every LayerNorm of the SVA and the projectors (spec §13)
+
+# Logical axes of the queries [M, 1, width] and window keys/values [M, T, width] pinned with
+# `sharding.constrain`: the M = B·L² rows split like the batch (b-major, so no row moves); a window's
+# handful of keys is never split.
+ROWS = ("activation_batch", None, "activation_embed")
 
 
 def axes(a: str | None, b: str | None) -> tuple[str | None, str | None]:
@@ -119,7 +125,7 @@ class WindowCrossAttention(nnx.Module):
         """Per-tower projections, concatenated along the key axis in tower order: [M, Σ r_k², hidden]."""
         ks = [sequential(getattr(self, f"k_proj_{k}"), x) for k, x in enumerate(windows)]
         vs = [sequential(getattr(self, f"v_proj_{k}"), x) for k, x in enumerate(windows)]
-        return jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
+        return constrain(jnp.concatenate(ks, axis=1), ROWS), constrain(jnp.concatenate(vs, axis=1), ROWS)
 
     def __call__(self, h: jax.Array, windows: Sequence[jax.Array],
                  masks: Sequence[jax.Array | None]) -> jax.Array:
@@ -192,7 +198,7 @@ class VisionCrossAttentionLayer(nnx.Module):
             x = x.astype(self.dtype)
             if r > 1:
                 x = x + getattr(self, f"pos_embed_{k}")[...].astype(self.dtype)
-            out.append(x)
+            out.append(constrain(x, ROWS))
         return out
 
     def __call__(self, queries: jax.Array, context: jax.Array, windows: Sequence[jax.Array],
@@ -202,16 +208,17 @@ class VisionCrossAttentionLayer(nnx.Module):
         (True = attend) or None. Returns queries + Δ, [M, 1, q_dim], in the queries' dtype."""
         m = queries.shape[0]
         masks = [None] * len(windows) if masks is None else list(masks)
-        res = queries
+        res = queries = constrain(queries, ROWS)
         ctx = self.proj_context(context)
         if ctx.shape[0] != m:
             if m % ctx.shape[0]:
                 raise ValueError(f"{ctx.shape[0]} context rows cannot serve {m} queries")
             ctx = jnp.repeat(ctx, m // ctx.shape[0], axis=0)
         h = self.proj_in(jnp.concatenate([queries.astype(self.dtype), ctx.astype(self.dtype)], axis=-1))
+        h = constrain(h, ROWS)
         h = h + self.cross_attn(h, self.key_inputs(windows), masks)
         h = self.norm(h)
-        return res + self.proj_out(h).astype(res.dtype)
+        return constrain(res + self.proj_out(h).astype(res.dtype), ROWS)
 
 
 class VisionTokenSampler(nnx.Module):

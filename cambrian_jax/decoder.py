@@ -32,6 +32,11 @@ Parameter layout (L layers, H hidden, NH heads, KV kv-heads, D head size, F mlp,
     layers/mlp/down/kernel     [L, F, H]       layers, mlp, embed
     final_norm/scale           [H]             embed
     lm_head/kernel             [H, V]          embed, vocab
+
+Activations pinned by logical names (`sharding.constrain`; the identity outside a rules context):
+the residual stream (embeddings, each layer's input, after attention, output, after an aggregator,
+final norm) [B, T, H] as HIDDEN; q and the attention output [B, T, NH, D] as QUERY_HEADS; k, v as
+KV_HEADS; the MLP hidden [B, T, F] as MLP_HIDDEN; logits [B, T, V] as LOGITS.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from cambrian_jax.config import DecoderConfig
 from cambrian_jax.layers import Linear, RMSNorm, param
+from cambrian_jax.sharding import constrain
 
 # Remat policies for the layer body, chosen by name from CambrianConfig.remat. 'none' = no remat.
 # The named ones save the tensors tagged with checkpoint_name in the layer body.
@@ -68,6 +74,13 @@ def remat_policy(name: str):
 
 
 INIT_STD = 0.02  # HF Llama's initializer_range
+
+# Logical axes of the activations pinned with `constrain` (the rules table maps them to mesh axes).
+HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+QUERY_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+LOGITS = ("activation_batch", "activation_length", "activation_vocab")
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -155,17 +168,18 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, allowed, cache=None, index=None):
         """Returns (output, (k, v) of the new tokens). With cache = (k, v) [B, S, KV, D] of this layer,
         the new keys/values are written at `index` and the queries attend over the whole cache."""
-        q = checkpoint_name(apply_rope(self.q(x), cos, sin), "query")
-        k = checkpoint_name(apply_rope(self.k(x), cos, sin), "key")
-        v = checkpoint_name(self.v(x), "value")
+        # Pinned before naming, so a remat policy saves the tensor in its pinned layout.
+        q = checkpoint_name(constrain(apply_rope(self.q(x), cos, sin), QUERY_HEADS), "query")
+        k = checkpoint_name(constrain(apply_rope(self.k(x), cos, sin), KV_HEADS), "key")
+        v = checkpoint_name(constrain(self.v(x), KV_HEADS), "value")
         if cache is None:
             keys, values = k, v
         else:
             keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        out = self.o(attend(q, keys, values, allowed))
-        return checkpoint_name(out, "attn_out"), (k, v)
+        out = self.o(constrain(attend(q, keys, values, allowed), QUERY_HEADS))
+        return checkpoint_name(constrain(out, HIDDEN), "attn_out"), (k, v)
 
 
 class MLP(nnx.Module):
@@ -177,7 +191,8 @@ class MLP(nnx.Module):
         self.down = Linear(f, h, ("mlp", "embed"), use_bias=False, dtype=dtype, init=init, rngs=rngs)
 
     def __call__(self, x):
-        return checkpoint_name(self.down(jax.nn.silu(self.gate(x)) * self.up(x)), "mlp_out")
+        hidden = constrain(jax.nn.silu(self.gate(x)) * self.up(x), MLP_HIDDEN)
+        return checkpoint_name(constrain(self.down(hidden), HIDDEN), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -188,10 +203,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, allowed, cache=None, index=None):
+        x = constrain(x, HIDDEN)     # the residual stream
         a, kv = self.attn(self.attn_norm(x), cos, sin, allowed, cache, index)
-        x = x + a.astype(x.dtype)
+        x = constrain(x + a.astype(x.dtype), HIDDEN)
         x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-        return x, kv
+        return constrain(x, HIDDEN), kv
 
 
 # ------------------------------------------------------------------------------------------ KV cache
@@ -260,12 +276,13 @@ class Decoder(nnx.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token embeddings [B, T, H] in the compute dtype. ids must lie in [0, V): map Cambrian's
         image sentinel (-200) to 0 first (out-of-range ids give NaN rows, negative ones wrap)."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return constrain(jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype), HIDDEN)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] (matmul in the compute dtype, accumulated and returned in float32)."""
-        return jnp.einsum("bth,hv->btv", hidden.astype(self.dtype), self.lm_head.kernel[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return constrain(jnp.einsum("bth,hv->btv", hidden.astype(self.dtype),
+                                    self.lm_head.kernel[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32), LOGITS)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.cfg
@@ -289,7 +306,7 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         t = x.shape[1]
-        h = x.astype(self.dtype)
+        h = constrain(x.astype(self.dtype), HIDDEN)
         mask = mask.astype(bool)
         cos, sin = rope_tables(rope_inv_freq(cfg), positions, self.dtype)
 
@@ -353,12 +370,12 @@ class Decoder(nnx.Module):
                 cv = jax.lax.dynamic_update_slice(cv, v_new[None].astype(cv.dtype), (l, 0, index, 0, 0))
                 kv = (ck, cv)
             if maybe_aggregate is not None:
-                h = maybe_aggregate(h, *xs[2:])
+                h = constrain(maybe_aggregate(h, *xs[2:]), HIDDEN)
             return (h, kv), None
 
         carry, _ = jax.lax.scan(step, (h, kv), xs)
         h, kv = carry
-        h = self.final_norm(h)
+        h = constrain(self.final_norm(h), HIDDEN)
         if cache is None:
             return h
         return h, KVCache(k=kv[0], v=kv[1], mask=new_mask, index=cache.index + t)

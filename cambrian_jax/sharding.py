@@ -3,11 +3,17 @@
 Modules name their axes (layers.py lists the names); the config holds one ordered rules table
 mapping each logical name to mesh axes. The first rule whose mesh axes are still free and divide the
 dimension wins; otherwise the dimension is replicated. No PartitionSpec literal lives in model code.
+
+Model code pins its key activations with `constrain(x, ("activation_batch", ...))`: inside
+`rules_context(rules, mesh)` (entered by whoever lowers the step) that is a sharding constraint from
+the same table; outside one (CPU tests, single-device generation) it is the identity.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -31,10 +37,17 @@ DEFAULT_RULES = (
     ("tower_embed", "fsdp"),
     ("tower_mlp", "tensor"),
     ("head_dim", None), ("layers", None), ("aggregators", None), ("tower_layers", None),
-    # Activations pinned by the train step: rows over every data-parallel axis, logits' vocab over tensor.
+    # Activations (`constrain` in model code, the train step's batch and logits): rows over every
+    # data-parallel axis; Megatron layout over `tensor` (heads, MLP hidden, vocab split; the residual
+    # stream whole on every tensor shard, so the only tensor collectives are the row-parallel sums).
     ("activation_batch", ("data", "fsdp")),
-    ("activation_vocab", "tensor"),
     ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
@@ -102,7 +115,8 @@ class Constrainer:
     """`constrain(x, logical_names)`: pin an activation's sharding with the same rules table.
 
     The train step pins its inputs ('activation_batch') and the logits ('activation_batch',
-    'activation_length', 'activation_vocab'); names without a rule stay replicated.
+    'activation_length', 'activation_vocab'); model code pins the rest through `constrain` below.
+    Names without a rule, and dimensions no rule divides, stay replicated.
     """
 
     def __init__(self, rules: Sequence[tuple[str, Any]], mesh: Mesh):
@@ -112,7 +126,46 @@ class Constrainer:
         return logical_spec(names, shape, self.rules, self.mesh)
 
     def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        _check_rank(x, names)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(names, x.shape)))
+
+
+# The rules and mesh that model code's `constrain` resolves against, set by whoever lowers a step.
+_ACTIVE: contextvars.ContextVar[Constrainer | None] = contextvars.ContextVar("cambrian_activation_rules",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def rules_context(rules: Sequence[tuple[str, Any]], mesh: Mesh) -> Iterator[Constrainer]:
+    """Within it, `constrain` pins activations on `mesh` by `rules` (and `mesh` is the current mesh).
+
+    It must be active while the function is traced (`jax.jit(...).lower(...)` or the first call):
+    jit's cache does not key on the rules, so a trace made outside it keeps no constraints.
+    """
+    pin = Constrainer(rules, mesh)
+    token = _ACTIVE.set(pin)
+    try:
+        with jax.set_mesh(mesh):
+            yield pin
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin activation `x` to the sharding its logical axis names resolve to in the active
+    `rules_context`; the identity (nothing enters the program) when none is active."""
+    pin = _ACTIVE.get()
+    if pin is None:
+        _check_rank(x, names)
+        return x
+    return pin(x, names)
+
+
+def _check_rank(x: jax.Array, names: Sequence[str | None]) -> None:
+    # Checked with or without a context so a wrong name tuple fails in single-device tests too.
+    if len(names) != x.ndim:
+        raise ValueError(f"sharding names {tuple(names)} do not match an activation of shape {tuple(x.shape)}: "
+                         f"give one name (or None) per axis")
 
 
 def data_parallel_size(mesh: Mesh) -> int:

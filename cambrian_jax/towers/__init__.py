@@ -23,6 +23,14 @@ from cambrian_jax.config import ConfigError, TowerConfig
 from cambrian_jax.convert.assign import check, param_path
 from cambrian_jax.layers import param, torch_linear_init
 
+# Logical axes of the tower activations pinned with `sharding.constrain`: token sequences [B, N, C]
+# (ViT hidden states, every tower's features) and their MLP hidden [B, N, F]; ConvNeXt maps
+# [B, H, W, C] and their MLP hidden (the spatial axes are never split).
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+TOKENS_MLP = ("activation_batch", "activation_length", "activation_mlp")
+GRID = ("activation_batch", None, None, "activation_embed")
+GRID_MLP = ("activation_batch", None, None, "activation_mlp")
+
 
 class PatchConv(nnx.Module):
     """A conv whose kernel equals its stride, VALID padding: ViT patch embeddings, ConvNeXt stem and

@@ -20,7 +20,8 @@ from flax import nnx
 from cambrian_jax.config import ConfigError, TowerConfig
 from cambrian_jax.layers import LayerNorm, Linear, activation, param, torch_linear_init
 from cambrian_jax.resize import resize_grid
-from cambrian_jax.towers import PatchConv, scan_layers, stack_layers
+from cambrian_jax.sharding import constrain
+from cambrian_jax.towers import GRID, GRID_MLP, TOKENS, PatchConv, scan_layers, stack_layers
 
 DWCONV_KERNEL = 7
 
@@ -53,8 +54,9 @@ class ConvNeXtBlock(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.fc2(self.act(self.fc1(self.norm(self.dwconv(x)))))
-        return x + self.gamma[...].astype(h.dtype) * h
+        x = constrain(x, GRID)
+        h = self.fc2(constrain(self.act(self.fc1(self.norm(self.dwconv(x)))), GRID_MLP))
+        return constrain(x + self.gamma[...].astype(h.dtype) * h, GRID)
 
 
 class Downsample(nnx.Module):
@@ -100,7 +102,7 @@ class ConvNeXtTower(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        x = self.stem(pixels.astype(self.dtype))
+        x = constrain(self.stem(pixels.astype(self.dtype)), GRID)
         maps = []
         for stage in self.stages:
             x = stage(x)
@@ -109,4 +111,4 @@ class ConvNeXtTower(nnx.Module):
             maps = maps[-1:]
         s = self.cfg.side
         grid = jnp.concatenate([resize_grid(m, (s, s)) for m in maps], axis=-1)
-        return grid.reshape(grid.shape[0], s * s, grid.shape[-1])
+        return constrain(grid.reshape(grid.shape[0], s * s, grid.shape[-1]), TOKENS)

@@ -21,7 +21,8 @@ from flax import nnx
 from cambrian_jax.config import ConfigError, TowerConfig
 from cambrian_jax.layers import LayerNorm, Linear, activation, param
 from cambrian_jax.resize import resize_grid, resize_tokens
-from cambrian_jax.towers import PatchConv, scan_layers, stack_layers
+from cambrian_jax.sharding import constrain
+from cambrian_jax.towers import TOKENS, TOKENS_MLP, PatchConv, scan_layers, stack_layers
 
 _EMBED = ("tower_embed",)
 
@@ -56,7 +57,7 @@ class Mlp(nnx.Module):
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(constrain(self.act(self.fc1(x)), TOKENS_MLP))
 
 
 class SwiGLU(nnx.Module):
@@ -72,7 +73,7 @@ class SwiGLU(nnx.Module):
         self.down = Linear(hidden, width, ("tower_mlp", "tower_embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), TOKENS_MLP))
 
 
 class Block(nnx.Module):
@@ -93,14 +94,15 @@ class Block(nnx.Module):
         self.ls2 = param(rngs, ones, (c,), _EMBED) if layer_scale else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, TOKENS)
         h = self.attn(self.norm1(x))
         if self.ls1 is not None:
             h = h * self.ls1[...].astype(h.dtype)
-        x = x + h
+        x = constrain(x + h, TOKENS)
         h = self.mlp(self.norm2(x))
         if self.ls2 is not None:
             h = h * self.ls2[...].astype(h.dtype)
-        return x + h
+        return constrain(x + h, TOKENS)
 
 
 def _blocks(cfg: TowerConfig, *, layer_scale: bool = False, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -111,7 +113,7 @@ def _patch_tokens(embed: PatchConv, pixels: jax.Array, dtype) -> jax.Array:
     """[B, R, R, 3] → [B, g*g, C], row-major over the g×g patch grid."""
     grid = embed(pixels.astype(dtype))
     b, gh, gw, c = grid.shape
-    return grid.reshape(b, gh * gw, c)
+    return constrain(grid.reshape(b, gh * gw, c), TOKENS)
 
 
 def _with_cls(cls_token: nnx.Param, tokens: jax.Array) -> jax.Array:
@@ -150,7 +152,7 @@ class CLIPTower(nnx.Module):
         x = _with_cls(self.cls_token, _patch_tokens(self.patch_embed, pixels, self.dtype))
         x = self.pre_norm(x + self.pos_embed[...].astype(x.dtype))
         x = scan_layers(self.blocks, x, self.layers_run)
-        return resize_tokens(x[:, 1:], self.cfg.side)
+        return constrain(resize_tokens(x[:, 1:], self.cfg.side), TOKENS)
 
 
 class SigLIPTower(nnx.Module):
@@ -167,7 +169,7 @@ class SigLIPTower(nnx.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         x = _patch_tokens(self.patch_embed, pixels, self.dtype)
         x = scan_layers(self.blocks, x + self.pos_embed[...].astype(x.dtype))
-        return resize_tokens(self.post_norm(x), self.cfg.side)
+        return constrain(resize_tokens(self.post_norm(x), self.cfg.side), TOKENS)
 
 
 def dinov2_positions(table: jax.Array, grid: int, side: int) -> jax.Array:
@@ -203,4 +205,4 @@ class DINOv2Tower(nnx.Module):
         x = _with_cls(self.cls_token, _patch_tokens(self.patch_embed, pixels, self.dtype))
         x = x + dinov2_positions(self.pos_embed[...], self.cfg.pos_grid, self.cfg.raw_side).astype(x.dtype)
         x = self.norm(scan_layers(self.blocks, x))
-        return resize_tokens(x[:, 1:], self.cfg.side)
+        return constrain(resize_tokens(x[:, 1:], self.cfg.side), TOKENS)
