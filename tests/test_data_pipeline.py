@@ -122,6 +122,14 @@ def test_memory_and_array_record_sources_agree(env):
         _same(a, b)
 
 
+def test_row_cache_gives_the_same_batches_and_computes_each_row_once(env):
+    plain, cached = _make(env, num_epochs=2), _make(env, num_epochs=2, cache_rows=True)
+    for a, b in zip(plain, cached):
+        _same(a, b)
+    cache = cached._plan.transform
+    assert isinstance(cache, P.RowCache) and len(cache.rows) == cached.num_records
+
+
 def test_determinism(env):
     for a, b in zip(_make(env, seed=3), _make(env, seed=3)):
         _same(a, b)
