@@ -158,8 +158,13 @@ class DecoderConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
+# model.connector.type: the SVA (spec §3) and the ablation connectors (cambrian_jax/connector.py).
+CONNECTOR_TYPES = ("sva", "mlp2x_gelu", "concat", "interleave", "resampler")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
+    type: str = "sva"                       # one of CONNECTOR_TYPES; only the SVA has in-LLM aggregators
     vision_hidden_size: int = 1024          # V
     num_heads: int = 16                     # hard-coded in the reference
     num_query_group: int = 1                # G
@@ -209,6 +214,31 @@ def _err(field: str, msg: str) -> ConfigError:
     return ConfigError(f"config field {field}: {msg}")
 
 
+def _validate_connector_type(cfg: CambrianConfig) -> None:
+    """What each connector type needs of the towers and the grid (the SVA's own checks follow in validate)."""
+    con, kind, k = cfg.connector, cfg.connector.type, len(cfg.towers)
+    if kind not in CONNECTOR_TYPES:
+        raise _err("model.connector.type", f"{kind!r} is not one of {', '.join(CONNECTOR_TYPES)}")
+    if kind != "sva" and not con.connector_only:
+        raise _err("model.connector.connector_only", f"type {kind!r} has no in-LLM aggregators (they re-read the "
+                   "SVA's windowed tower features); set connector_only=True (from_dict does so for non-SVA types)")
+    if kind == "mlp2x_gelu" and k != 1:
+        raise _err("model.towers", f"connector type 'mlp2x_gelu' (LLaVA-1.5's projector) takes exactly one tower, "
+                   f"got {k}; use type 'concat' to concatenate several towers' tokens")
+    if kind == "concat" and k < 2:
+        raise _err("model.towers", "connector type 'concat' concatenates the tokens of two or more towers, got one; "
+                   "use type 'mlp2x_gelu' for a single tower")
+    if kind == "interleave":
+        if k != 2:
+            raise _err("model.towers", f"connector type 'interleave' interleaves exactly two towers, got {k}")
+        if con.grid % 2:
+            raise _err("model.connector.image_token_len", f"connector type 'interleave' puts pairs of tokens (one "
+                       f"per tower) in each row, so the grid side must be even; {con.grid}×{con.grid} is not "
+                       f"(e.g. image_token_len={(con.grid + 1) ** 2})")
+    if kind == "resampler" and con.connector_depth < 1:
+        raise _err("model.connector.connector_depth", "the resampler needs at least one layer")
+
+
 def validate(cfg: CambrianConfig) -> None:
     """One-sentence errors naming the field, before anything is traced or compiled."""
     con, dec = cfg.connector, cfg.decoder
@@ -216,23 +246,28 @@ def validate(cfg: CambrianConfig) -> None:
         raise _err("model.towers", "at least one vision tower is needed")
     if math.isqrt(con.image_token_len) ** 2 != con.image_token_len:
         raise _err("model.image_token_len", f"{con.image_token_len} is not a square number")
-    if len(con.query_num_list) != con.num_query_group:
+    _validate_connector_type(cfg)
+    sva = con.type == "sva"
+    if sva and len(con.query_num_list) != con.num_query_group:
         raise _err("model.query_num_list", f"has {len(con.query_num_list)} entries but num_query_group "
                    f"is {con.num_query_group}")
-    if con.vision_hidden_size % con.num_heads:
+    if con.type in ("sva", "resampler") and con.vision_hidden_size % con.num_heads:
         raise _err("model.vision_hidden_size", f"{con.vision_hidden_size} is not divisible by the "
                    f"aggregator's {con.num_heads} heads")
     for k, t in enumerate(cfg.towers):
         where = f"model.towers[{k}] ({t.name})"
         if math.isqrt(t.token_len) ** 2 != t.token_len:
             raise _err(f"{where}.token_len", f"{t.token_len} is not a square number")
+        if t.kind == "convnext" and t.image_size < 32:
+            raise _err(f"{where}.image_size", f"{t.image_size} px is below ConvNeXt's total stride of 32 "
+                       "(its last stage would have no cells); use at least 32")
         if t.kind != "convnext" and t.hidden_size % max(t.num_heads, 1):
             raise _err(f"{where}.hidden_size", f"{t.hidden_size} is not divisible by num_heads={t.num_heads}")
         if t.kind == "convnext" and (len(t.depths) != 4 or len(t.dims) != 4):
             raise _err(f"{where}.depths", "ConvNeXt needs four stage depths and four dims")
         if t.kind != "convnext" and t.image_size < t.patch_size:
             raise _err(f"{where}.image_size", f"{t.image_size} is smaller than the patch size {t.patch_size}")
-        for g, q in enumerate(con.query_num_list):
+        for g, q in enumerate(con.query_num_list if sva else ()):
             side = math.isqrt(q)
             if side * side != q:
                 raise _err(f"model.query_num_list[{g}]", f"{q} is not a square number")
@@ -270,8 +305,11 @@ def from_dict(d: Mapping[str, Any]) -> CambrianConfig:
         raise _err("model.tower_token_lens", f"has {len(token_lens)} entries for {len(names)} towers")
     towers = tuple(tower_config(n, t, d.get("select_layer", -2), **dict(overrides.get(n, {})))
                    for n, t in zip(names, token_lens))
-    con = ConnectorConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                             for k, v in dict(d["connector"]).items()})
+    con = dict(d["connector"])
+    if con.get("type", "sva") != "sva":
+        # Only the SVA has in-LLM aggregators: `--config.model.connector.type=concat` alone must work.
+        con["connector_only"] = True
+    con = ConnectorConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in con.items()})
     dec = dict(d["decoder"])
     if dec.get("rope_scaling"):
         dec["rope_scaling"] = tuple(sorted(dict(dec["rope_scaling"]).items()))

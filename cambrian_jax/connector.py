@@ -13,6 +13,12 @@ the LLM grid n with their key masks. It is computed once here and shared by all 
 Module names mirror the reference (`mm_projector_aux_k.{0,2,3}`, `mm_projector.{0,2}`,
 `vision_sampler_g.layers.l`, `vision_query`, `image_newline`); the in-LLM aggregators are stacked on a
 leading 'aggregators' axis in `vision_sampler_layers.layer` (reference: `vision_sampler_layers.j.layers.0`).
+
+`build_connector` picks the connector named by `model.connector.type`: this SVA (`sva`, the default),
+or the ablation connectors `mlp2x_gelu` / `concat` (projector.py), `interleave` (interleave.py) and
+`resampler` (resampler.py). Every connector maps tower features to the same n×(n+1) image block and
+has a `vision_sampler_layers` attribute (None except for the SVA with in-LLM aggregators), so the
+model, generation and the trainer treat them alike.
 """
 from __future__ import annotations
 
@@ -24,10 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cambrian_jax.aggregator import (LN_EPS, VisionCrossAttentionLayer, VisionTokenSampler, axes,
-                                     window, window_mask)
+from cambrian_jax.aggregator import VisionCrossAttentionLayer, VisionTokenSampler, window, window_mask
 from cambrian_jax.config import CambrianConfig, ConfigError, ConnectorConfig
-from cambrian_jax.layers import LayerNorm, Linear, gelu, param, sequential
+from cambrian_jax.interleave import InterleaveConnector
+from cambrian_jax.layers import param, sequential
+from cambrian_jax.projector import MLPConnector, aux_projector, mlp2x_gelu, newline_param, with_newlines
+from cambrian_jax.resampler import ResamplerConnector
 from cambrian_jax.resize import resize_grid
 
 
@@ -123,22 +131,15 @@ class Connector(nnx.Module):
         kv_dims = [v] * len(tower_widths)
 
         for k, c in enumerate(tower_widths):
-            setattr(self, f"mm_projector_aux_{k}", nnx.List([
-                Linear(c, v, ("tower_embed", "vision"), dtype=dtype, rngs=rngs),
-                gelu,
-                Linear(v, v, axes("vision", "vision"), dtype=dtype, rngs=rngs),
-                LayerNorm(v, LN_EPS, "vision")]))
+            setattr(self, f"mm_projector_aux_{k}", aux_projector(c, v, dtype=dtype, rngs=rngs))
         self.vision_query = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(v)), (cfg.num_query_group, v),
                                   (None, "vision"))
         for g, side in enumerate(self.group_sides):
             setattr(self, f"vision_sampler_{g}", VisionTokenSampler(
                 v, v, kv_dims, [s // side for s in self.tower_sides], v, cfg.connector_depth, cfg.num_heads,
                 q_axis="vision", dtype=dtype, rngs=rngs))
-        self.mm_projector = nnx.List([
-            Linear(v * cfg.num_query_group, h, ("vision", "embed"), dtype=dtype, rngs=rngs),
-            gelu,
-            Linear(h, h, axes("embed", "embed"), dtype=dtype, rngs=rngs)])
-        self.image_newline = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(h)), (h,), ("embed",))
+        self.mm_projector = mlp2x_gelu(v * cfg.num_query_group, h, "vision", dtype=dtype, rngs=rngs)
+        self.image_newline = newline_param(rngs, h)
         if cfg.connector_only or cfg.num_of_vision_sampler_layers == 0:
             self.vision_sampler_layers = None
         else:
@@ -177,7 +178,8 @@ class Connector(nnx.Module):
                  ) -> tuple[jax.Array, VisionContext]:
         """features[k] [B, s_k², C_k]; masks[k] [B, s_k²] bool (True = real cell) or None.
 
-        Returns (image_block [B, n·(n+1), H], VisionContext for the in-LLM aggregators).
+        Returns (image_block [B, n·(n+1), H], VisionContext for the in-LLM aggregators, or None
+        without them).
         """
         masks = [None] * len(features) if masks is None else list(masks)
         n = self.grid
@@ -191,15 +193,28 @@ class Connector(nnx.Module):
                 out = resize_grid(out.reshape(b, side, side, -1), (n, n)).reshape(b, n * n, -1)
             groups.append(out)
         x = sequential(self.mm_projector, jnp.concatenate(groups, axis=-1))           # [B, n², H]
-        hdim = x.shape[-1]
-        newline = jnp.broadcast_to(self.image_newline[...].astype(x.dtype), (b, n, 1, hdim))
-        image_block = jnp.concatenate([x.reshape(b, n, n, hdim), newline], axis=2).reshape(b, n * (n + 1), hdim)
+        image_block = with_newlines(x, self.image_newline[...], n)
+        if self.vision_sampler_layers is None:     # connector_only: no in-LLM aggregator reads windows at n
+            return image_block, None
         vision_ctx = VisionContext(
             context=context,
             windows=tuple(window(x, n) for x in z),
             window_masks=tuple(window_mask(m, n, x.shape[1]) for x, m in zip(z, masks)),
             grid=n)
         return image_block, vision_ctx
+
+
+# model.connector.type → the connector module (each with from_config(cfg, rngs=...)).
+CONNECTORS = {"sva": Connector, "mlp2x_gelu": MLPConnector, "concat": MLPConnector,
+              "interleave": InterleaveConnector, "resampler": ResamplerConnector}
+
+
+def build_connector(cfg: CambrianConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The connector of `cfg.connector.type`: (features, masks) → (image block, VisionContext or None)."""
+    kind = cfg.connector.type
+    if kind not in CONNECTORS:
+        raise ConfigError(f"config field model.connector.type: {kind!r} is not one of {sorted(CONNECTORS)}")
+    return CONNECTORS[kind].from_config(cfg, rngs=rngs)
 
 
 def _check(cfg: ConnectorConfig, widths: Sequence[int], sides: Sequence[int]) -> None:

@@ -1,5 +1,8 @@
 """The Cambrian model: vision towers → Spatial Vision Aggregator → Llama-family decoder (spec §1).
 
+The connector is the one `model.connector.type` names (connector.build_connector): the SVA, or an
+ablation connector (mlp2x_gelu, concat, interleave, resampler) filling the same image block.
+
 The forward uses the static layout the reference trains with (spec §3.5, §4): one n×(n+1) image block
 at `image_position`, padding cells masked in attention, position ids from the cumulative mask. It is
 what `generate()` computes at prefill in the reference: connector plus in-LLM aggregators on the
@@ -16,7 +19,7 @@ from flax import nnx
 
 from cambrian_jax import layout
 from cambrian_jax.config import IMAGE_TOKEN_INDEX, CambrianConfig
-from cambrian_jax.connector import Connector, aggregate
+from cambrian_jax.connector import aggregate, build_connector
 from cambrian_jax.decoder import Decoder
 from cambrian_jax.towers import build_tower
 
@@ -27,7 +30,7 @@ class Cambrian(nnx.Module):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
         self.towers = nnx.List([build_tower(t, dtype=dtype, rngs=rngs) for t in cfg.towers])
-        self.connector = Connector.from_config(cfg, rngs=rngs)
+        self.connector = build_connector(cfg, rngs=rngs)
         self.decoder = Decoder(cfg.decoder, dtype=dtype, remat=cfg.remat, rngs=rngs)
 
     def encode_images(self, pixels: Sequence[jax.Array]) -> list[jax.Array]:

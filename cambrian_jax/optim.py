@@ -82,8 +82,8 @@ def check_lr_groups(trainable_paths: Sequence[str], lr_groups: Sequence[Any], fi
     for p in trainable_paths:
         counts[group_of(p, groups)] += 1
     names = group_names(lr_groups)
-    for name, (pattern, _), n in zip(names, groups, counts):
-        if n == 0:
+    for name, (pattern, _), n, g in zip(names, groups, counts, lr_groups):
+        if n == 0 and not g.get("optional", False):
             raise ConfigError(f"config field {field}: group {name!r} (pattern {pattern!r}) gets no trainable "
                               f"parameter; earlier groups or the stage's trainable patterns take them all")
     return dict(zip(names, counts))

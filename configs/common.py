@@ -44,8 +44,10 @@ RELEASED = {
 
 
 def connector(num=10, start=0, stride=3, **overrides) -> ml_collections.ConfigDict:
-    c = dict(vision_hidden_size=1024, num_heads=16, num_query_group=1, query_num_list=[576], connector_depth=3,
-             image_token_len=576, connector_only=False, num_of_vision_sampler_layers=num,
+    """config.model.connector; `type` picks sva (spec §3) or an ablation connector: mlp2x_gelu, concat,
+    interleave, resampler (cambrian_jax/connector.py). Non-SVA types have no in-LLM aggregators."""
+    c = dict(type="sva", vision_hidden_size=1024, num_heads=16, num_query_group=1, query_num_list=[576],
+             connector_depth=3, image_token_len=576, connector_only=False, num_of_vision_sampler_layers=num,
              start_of_vision_sampler_layers=start, stride_of_vision_sampler_layers=stride)
     c.update(overrides)
     return ml_collections.ConfigDict(c)
@@ -97,13 +99,14 @@ TOWERS = r"^towers/"
 
 def stage(*, trainable, lr_groups, warmup_ratio, global_batch_size, epochs=1.0, num_steps=0, accum_steps=1,
           data=None, save_interval_steps=0) -> ml_collections.ConfigDict:
-    """One training stage; lr_groups are (name, pattern, peak lr), first match wins, last = default.
+    """One training stage; lr_groups are (name, pattern, peak lr[, optional]), first match wins, last =
+    default; an optional group may match nothing (the samplers of a connector that has none).
 
     num_steps 0 = epochs × records / global_batch_size; save_interval_steps 0 = checkpoint's.
     """
     return ml_collections.ConfigDict(dict(
         trainable=list(trainable),
-        lr_groups=[dict(name=n, pattern=p, lr=lr) for n, p, lr in lr_groups],
+        lr_groups=[dict(name=g[0], pattern=g[1], lr=g[2], optional=bool(g[3:] and g[3])) for g in lr_groups],
         warmup_ratio=warmup_ratio, schedule="cosine",
         adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0,
         global_batch_size=global_batch_size, epochs=epochs, num_steps=num_steps, accum_steps=accum_steps,
@@ -115,7 +118,7 @@ def stage(*, trainable, lr_groups, warmup_ratio, global_batch_size, epochs=1.0, 
 def released_stages(size: str, global_batch_size: int, stage2_lr: float, accum_steps: int = 1):
     """Spec §7.1: stage 1 trains the connector (1e-3 projectors, 1e-4 samplers); stage 2 everything."""
     s1 = stage(trainable=[CONNECTOR],
-               lr_groups=[("projectors", PROJECTORS, 1e-3), ("samplers", SAMPLERS, 1e-4)],
+               lr_groups=[("projectors", PROJECTORS, 1e-3), ("samplers", SAMPLERS, 1e-4, True)],
                warmup_ratio=0.06, global_batch_size=global_batch_size, accum_steps=accum_steps)
     s2 = stage(trainable=[CONNECTOR, DECODER], lr_groups=[("all", r".", stage2_lr)],
                warmup_ratio=0.03, global_batch_size=global_batch_size, accum_steps=accum_steps)

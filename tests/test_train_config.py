@@ -103,6 +103,13 @@ def test_released_stages_train_what_the_spec_says(size, tmp_path):
     assert set(p1.groups) == {"projectors", "samplers"} and p2.groups == {"all": len(p2.trainable_paths)}
 
 
+def test_a_connector_without_samplers_leaves_the_optional_group_empty(tmp_path):
+    c = cambrian_tiny.get_config("micro")
+    c.model.connector.type = "mlp2x_gelu"
+    p1 = trainer(c, tmp_path).plans[1]
+    assert p1.groups["samplers"] == 0 and p1.groups["projectors"] == len(p1.trainable_paths) > 0
+
+
 def test_micro_switch_keeps_every_part_small():
     c = cambrian_tiny.get_config("micro")
     cfg = config_lib.from_dict(c.model)

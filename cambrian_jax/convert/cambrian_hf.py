@@ -21,6 +21,12 @@ config.json (spec §5.2, §3.7): `config_to_hf` writes every Cambrian field plus
 (taken from the base LLM's config.json when given, so a round trip keeps them); `config_from_hf`
 reads them back. One field is ours: `vision_sampler_num_heads`, written only when the SVA does not
 use the reference's hard-coded 16 heads (tiny test models), and read with default 16.
+
+Connector types (model.connector.type) with a released layout: `sva` (mm_projector_type "sva") and
+the reference's non-SVA path, `mm_projector_type: "mlp2x_gelu"` — LLaVA-1.5's projector on the
+channel-concatenated towers, keys `model.mm_projector.{0,2}.{weight,bias}` and `model.image_newline`
+— which is our `mlp2x_gelu` with one tower and `concat` with several. `interleave` and `resampler`
+have no reference layout and are not exported.
 """
 from __future__ import annotations
 
@@ -186,7 +192,7 @@ def llm_entries(cfg: DecoderConfig, get: Callable[[str], np.ndarray], *, fused: 
 # spec §5.2 fields that our configuration does not vary: the released values.
 FIXED_FIELDS: dict[str, Any] = {
     "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat",
-    "mm_projector_lr": None, "mm_projector_type": "sva", "mm_use_im_patch_token": False,
+    "mm_projector_lr": None, "mm_use_im_patch_token": False,
     "mm_use_im_start_end": False, "mm_vision_sampler_lr": None, "mm_vision_select_feature": "patch",
     "mm_vision_tower_lr": None, "spmd_debug": None, "spmd_fsdp_sharding": None, "spmd_mesh": None,
     "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": False,
@@ -199,6 +205,10 @@ REQUIRED_FIELDS = (
     "num_of_vision_sampler_layers", "start_of_vision_sampler_layers", "stride_of_vision_sampler_layers",
     "image_position",
 )
+# The reference's non-SVA path does not write the in-LLM aggregator schedule.
+SVA_ONLY_FIELDS = ("num_of_vision_sampler_layers", "start_of_vision_sampler_layers", "stride_of_vision_sampler_layers")
+# model.connector.type → mm_projector_type, for the types the reference can load.
+HF_PROJECTOR_TYPE = {"sva": "sva", "mlp2x_gelu": "mlp2x_gelu", "concat": "mlp2x_gelu"}
 _NOT_LLM = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version")
 
 
@@ -208,6 +218,24 @@ def family(hf_config: Mapping[str, Any] | None) -> str:
     return "phi3" if "phi3" in model_type else "llama"
 
 
+def projector_type(cfg: CambrianConfig) -> str:
+    """config.json's mm_projector_type; a ConfigError for a connector the reference cannot load."""
+    con = cfg.connector
+    if con.type not in HF_PROJECTOR_TYPE:
+        raise ConfigError(f"config field model.connector.type: {con.type!r} has no released Hugging Face layout "
+                          f"(the reference loads {sorted(HF_PROJECTOR_TYPE)}); its runs are read from the "
+                          "trainer's orbax checkpoints (generate / evaluate --checkpoint WORKDIR --config …)")
+    if con.type != "sva":
+        for k, t in enumerate(cfg.towers):
+            if t.token_len != con.image_token_len:
+                raise ConfigError(
+                    f"config field model.towers[{k}] ({t.name}).token_len: the reference's mlp2x_gelu path "
+                    f"concatenates the towers' tokens without resizing them, so every tower needs "
+                    f"image_token_len={con.image_token_len} tokens, not {t.token_len}; set tower_token_lens so "
+                    "(the tower then interpolates its own grid, as the reference's -interp<N> does)")
+    return HF_PROJECTOR_TYPE[con.type]
+
+
 def cambrian_fields(cfg: CambrianConfig) -> dict[str, Any]:
     """Every Cambrian field of a released config.json (spec §5.2), from our config."""
     con = cfg.connector
@@ -215,7 +243,8 @@ def cambrian_fields(cfg: CambrianConfig) -> dict[str, Any]:
     lens = [t.token_len for t in cfg.towers]
     out = dict(FIXED_FIELDS)
     out.update(
-        connector_depth=con.connector_depth, connector_only=con.connector_only, image_position=cfg.image_position,
+        mm_projector_type=projector_type(cfg), connector_depth=con.connector_depth,
+        connector_only=con.connector_only, image_position=cfg.image_position,
         image_token_len=con.image_token_len, mm_vision_select_layer=clip[0] if clip else -2,
         mm_vision_tower_aux_list=[t.name for t in cfg.towers], mm_vision_tower_aux_token_len_list=lens,
         vision_tower_aux_token_len_list=list(lens), num_of_vision_sampler_layers=con.num_of_vision_sampler_layers,
@@ -282,13 +311,15 @@ def config_to_hf(cfg: CambrianConfig, llm_config: Mapping[str, Any] | None = Non
 
 def check_fields(hf: Mapping[str, Any], where: str = "config.json") -> None:
     """Cambrian fields the reference requires, and values only the SVA path supports."""
-    missing = [k for k in REQUIRED_FIELDS if k not in hf]
+    optional = SVA_ONLY_FIELDS if hf.get("mm_projector_type") not in (None, "sva") else ()
+    missing = [k for k in REQUIRED_FIELDS if k not in hf and k not in optional]
     if missing:
         raise ConfigError(f"{where} lacks the Cambrian field(s) {missing}; a released Cambrian config.json has "
                           "them all (spec §5.2) — is this a Cambrian checkpoint, or a base LLM?")
     problems = []
-    if hf["mm_projector_type"] != "sva":
-        problems.append(f"mm_projector_type={hf['mm_projector_type']!r} (only 'sva' is implemented)")
+    if hf["mm_projector_type"] not in set(HF_PROJECTOR_TYPE.values()):
+        problems.append(f"mm_projector_type={hf['mm_projector_type']!r} (implemented: "
+                        f"{sorted(set(HF_PROJECTOR_TYPE.values()))})")
     if hf.get("image_aspect_ratio", "pad") != "pad":
         problems.append(f"image_aspect_ratio={hf['image_aspect_ratio']!r} (only 'pad')")
     if hf.get("mm_vision_select_feature", "patch") != "patch":
@@ -301,6 +332,16 @@ def check_fields(hf: Mapping[str, Any], where: str = "config.json") -> None:
 
 def connector_config_from_hf(hf: Mapping[str, Any]) -> ConnectorConfig:
     check_fields(hf)
+    if hf["mm_projector_type"] != "sva":
+        # The reference's non-SVA path: channel concat of the towers, no in-LLM aggregators.
+        default = ConnectorConfig()
+        return ConnectorConfig(
+            type="mlp2x_gelu" if len(hf["mm_vision_tower_aux_list"]) == 1 else "concat",
+            vision_hidden_size=int(hf["vision_hidden_size"]), num_heads=int(hf.get(SVA_HEADS_FIELD, 16)),
+            num_query_group=int(hf["num_query_group"]), query_num_list=tuple(int(q) for q in hf["query_num_list"]),
+            connector_depth=int(hf["connector_depth"]), image_token_len=int(hf["image_token_len"]),
+            connector_only=True,
+            **{k: int(hf.get(k, getattr(default, k))) for k in SVA_ONLY_FIELDS})
     return ConnectorConfig(
         vision_hidden_size=int(hf["vision_hidden_size"]), num_heads=int(hf.get(SVA_HEADS_FIELD, 16)),
         num_query_group=int(hf["num_query_group"]), query_num_list=tuple(int(q) for q in hf["query_num_list"]),
