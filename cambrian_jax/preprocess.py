@@ -91,8 +91,8 @@ def expand2square(image: Image.Image, color: Sequence[int]) -> Image.Image:
 
 def _resize_crop(image: Image.Image, r: int) -> Image.Image:
     w, h = image.size
-    scale = r / min(w, h)
-    nw, nh = max(r, int(round(w * scale))), max(r, int(round(h * scale)))
+    # The short side becomes r and the long side is truncated, as CLIPImageProcessor and torchvision do.
+    nw, nh = (r, max(r, int(r * h / w))) if w <= h else (max(r, int(r * w / h)), r)
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - r) // 2, (nh - r) // 2
     return image.crop((left, top, left + r, top + r))
