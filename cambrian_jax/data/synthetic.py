@@ -1,19 +1,32 @@
 """A synthetic, vision-centric dataset a tiny model can learn on a CPU in minutes.
 
-Images: 1–6 flat-coloured shapes (circle, square, triangle in red, green, blue, yellow) on a white,
-gray or black background, non-overlapping, drawn without antialiasing (every pixel is exactly a
-palette colour, so tests can re-read the answers from the PNG). Image sizes vary in size and
-aspect ratio, including the ones that exercise the padding masks (320×176, 176×320, 256×144, …;
-spec §14.2).
+Images: flat-coloured shapes (circle, square, triangle in red, green, blue, yellow), non-overlapping,
+drawn without antialiasing (every pixel is exactly a palette colour, so tests can re-read the answers
+from the PNG). Image sizes vary in size and aspect ratio, including the ones that exercise the padding
+masks (320×176, 176×320, 256×144, …; spec §14.2).
 
 Tasks (CV-Bench style, spec §8.2): the user turn is "<image>\\n" + question + lettered choices
 ("Question\\n(A) x\\n(B) y") + "\\nAnswer with the option's letter from the given choices directly.",
-the answer "(A)"-style. The right letter cycles through the choices, so letters are balanced.
+the answer "(A)"-style.
 
-    count     How many red circles are in the image?            4 choices (chance 1/4)
-    relation  left/right or above/below of two named objects    2 choices (chance 1/2)
-    depth     which of two objects is closer (bigger = closer)   2 choices (chance 1/2)
-    caption   "Describe the image." → "Two red circles and a blue square on a white background."  (stage 1)
+    count     How many shapes are in the image?                   (A) 1 (B) 2 (C) 3 (D) 4   (chance 1/4)
+    relation  Where is the red shape located with respect to      (A) left (B) right, or    (chance 1/2)
+              the blue shape?                                      (A) above (B) below
+    depth     Which shape is closer to the camera? (bigger = closer) (A) the red shape        (chance 1/2)
+                                                                     (B) the blue shape
+    caption   "Describe the image." → "Two red circles and a blue square on a gray background."  (stage 1)
+
+Made so that a model of a few hundred thousand parameters can learn it from random weights on a 2-core
+CPU in minutes, yet only by looking:
+- the choices come in a fixed order and the right answer cycles with the per-task sample counter, so
+  letters are exactly balanced and the text alone says nothing (a blind model scores chance);
+- image size and background are drawn before the layout, so they say nothing about the answer either
+  (a blanked image keeps its size and padding masks);
+- the question images have a white background and shapes of 12–30 % of the long side, and the two
+  objects a relation/depth question compares are always the red and the blue one: at the towers' toy
+  resolutions (28–64 px) colour and size are what random towers see first, and a question that first
+  has to be read to know which object it is about takes a tiny LLM thousands of steps, not hundreds.
+Captions keep the varied backgrounds and smaller shapes (1–5 of any kind).
 
 Deterministic: sample i of a split is a function of (seed, split, i) only, so splits never depend on
 how many samples are drawn; train and test use different streams.
@@ -27,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -44,6 +57,10 @@ TASKS = VQA_TASKS + CAPTION_TASKS
 NUM_CHOICES = {"count": 4, "relation": 2, "depth": 2}
 CHANCE = {task: 1.0 / n for task, n in NUM_CHOICES.items()}   # accuracy of guessing, per task
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
+COUNT_QUESTION = "How many shapes are in the image?"
+RELATION_QUESTION = "Where is the red shape located with respect to the blue shape?"
+DEPTH_QUESTION = "Which shape is closer to the camera?"
+DEPTH_CHOICES = ("the red shape", "the blue shape")
 CAPTION_PROMPT = "Describe the image."
 SPLITS = {"train": 0, "test": 1, "val": 2}
 LETTERS = "ABCD"
@@ -88,9 +105,9 @@ def draw(size: tuple[int, int], background: str, objects: Sequence[dict]) -> Ima
     return img
 
 
-def _kinds(rng: np.random.Generator, k: int, exclude: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """k random (color, shape) pairs, none in `exclude` (repeats allowed among them)."""
-    pool = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in set(exclude)]
+def _kinds(rng: np.random.Generator, k: int) -> list[tuple[str, str]]:
+    """k random (color, shape) pairs (repeats allowed)."""
+    pool = [(c, s) for c in COLORS for s in SHAPES]
     return [pool[int(i)] for i in rng.integers(0, len(pool), size=k)]
 
 
@@ -105,63 +122,39 @@ def _radius(rng, size, lo=0.06, hi=0.10) -> int:
     return int(round(max(size) * rng.uniform(lo, hi)))
 
 
-def _choices(rng, correct: str, others: Sequence[str], position: int) -> list[str]:
-    others = [others[int(i)] for i in rng.permutation(len(others))]
-    return others[:position] + [correct] + others[position:]
-
-
 def _count(rng, size, slot):
-    target = _kinds(rng, 1)[0]
-    k = int(rng.integers(1, 5))
-    distract = _kinds(rng, int(rng.integers(0, 4)), exclude=[target])
-    kinds = [target] * k + distract
-    objects = _layout(rng, size, kinds, [_radius(rng, size) for _ in kinds])
-    if objects is None:
-        return None
-    question = f"How many {_name(*target, plural=True)} are in the image?"
-    others = [str(v) for v in rng.permutation([v for v in range(6) if v != k])[:3]]
-    choices = _choices(rng, str(k), others, slot % 4)
-    return objects, question, choices, slot % 4
+    k = 1 + slot % 4
+    r = _radius(rng, size, 0.12, 0.20)
+    objects = _layout(rng, size, _kinds(rng, k), [r] * k)
+    return None if objects is None else (objects, COUNT_QUESTION, ["1", "2", "3", "4"], k - 1)
 
 
-def _pair(rng, size, radii_ab, extra: int):
-    a = _kinds(rng, 1)[0]
-    b = _kinds(rng, 1, exclude=[a])[0]
-    distract = _kinds(rng, extra, exclude=[a, b])
-    kinds = [a, b] + distract
-    objects = _layout(rng, size, kinds, list(radii_ab) + [_radius(rng, size) for _ in distract])
-    return objects, a, b
+def _red_and_blue(rng, size, radii):
+    kinds = [("red", SHAPES[int(rng.integers(0, len(SHAPES)))]), ("blue", SHAPES[int(rng.integers(0, len(SHAPES)))])]
+    return _layout(rng, size, kinds, radii)
 
 
 def _relation(rng, size, slot):
-    objects, a, b = _pair(rng, size, [_radius(rng, size), _radius(rng, size)], int(rng.integers(0, 3)))
+    objects = _red_and_blue(rng, size, [_radius(rng, size, 0.12, 0.20), _radius(rng, size, 0.12, 0.20)])
     if objects is None:
         return None
-    oa, ob = objects[0], objects[1]
-    horizontal = bool(rng.integers(0, 2))
-    if horizontal:
-        gap, words = oa["cx"] - ob["cx"], ("left", "right")
-    else:
-        gap, words = oa["cy"] - ob["cy"], ("above", "below")
-    if abs(gap) < oa["r"] + ob["r"]:           # not clearly separated on the asked axis
-        return None
-    correct, other = (words[1], words[0]) if gap > 0 else words
-    question = (f"Considering the relative positions of the {_name(*a)} and the {_name(*b)} in the image provided, "
-                f"where is the {_name(*a)} located with respect to the {_name(*b)}?")
-    return objects, question, _choices(rng, correct, [other], slot % 2), slot % 2
+    red, blue = objects
+    axis, words = ("cx", ("left", "right")) if rng.integers(0, 2) else ("cy", ("above", "below"))
+    if abs(red[axis] - blue[axis]) < red["r"] + blue["r"]:
+        return None                            # not clearly separated on the asked axis
+    answer = slot % 2                          # 0: red is left of / above blue
+    if (red[axis] > blue[axis]) != bool(answer):   # the two trade places
+        for key in ("cx", "cy", "r"):
+            red[key], blue[key] = blue[key], red[key]
+    return objects, RELATION_QUESTION, list(words), answer
 
 
 def _depth(rng, size, slot):
-    small = _radius(rng, size, 0.05, 0.07)
+    small = _radius(rng, size, 0.10, 0.14)
     big = int(round(small * rng.uniform(1.7, 2.2)))
-    radii = [big, small] if rng.integers(0, 2) else [small, big]
-    objects, a, b = _pair(rng, size, radii, int(rng.integers(0, 3)))
-    if objects is None:
-        return None
-    closer = a if objects[0]["r"] > objects[1]["r"] else b
-    farther = b if closer == a else a
-    question = f"Which object is closer to the camera, the {_name(*a)} or the {_name(*b)}?"
-    return objects, question, _choices(rng, _name(*closer), [_name(*farther)], slot % 2), slot % 2
+    answer = slot % 2                          # 0: red is the bigger, closer one
+    objects = _red_and_blue(rng, size, [big, small] if answer == 0 else [small, big])
+    return None if objects is None else (objects, DEPTH_QUESTION, list(DEPTH_CHOICES), answer)
 
 
 def caption(objects: Sequence[dict], background: str) -> str:
@@ -194,11 +187,15 @@ def sample(i: int, split: str = "train", seed: int = 0, tasks: Sequence[str] = V
         if t not in _MAKERS:
             raise ValueError(f"unknown synthetic task {t!r}; known: {sorted(_MAKERS)}")
     task = tasks[i % len(tasks)]
-    slot = i // len(tasks)                       # per-task counter: the right letter cycles with it
+    slot = i // len(tasks)                       # per-task counter: the right answer cycles with it
+    # Size and background are drawn once, outside the layout retries: were they redrawn with each
+    # retry, sizes where a layout fits more easily would be more common for some answers, and the
+    # padding masks (which a blanked image keeps) would leak the answer.
+    rng = np.random.default_rng([seed, SPLITS[split], i])
+    size = IMAGE_SIZES[int(rng.integers(0, len(IMAGE_SIZES)))]
+    background = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))] if task == "caption" else "white"
     for attempt in range(1000):
         rng = np.random.default_rng([seed, SPLITS[split], i, attempt])
-        size = IMAGE_SIZES[int(rng.integers(0, len(IMAGE_SIZES)))]
-        background = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
         made = _MAKERS[task](rng, size, slot)
         if made is not None:
             break
@@ -262,10 +259,7 @@ def corpus_texts() -> list[str]:
     texts = [INSTRUCTION, CAPTION_PROMPT, "Describe the image.", "\n"]
     texts += [f"({L})" for L in LETTERS] + [f"\n({L}) " for L in LETTERS]
     names = [_name(c, s, p) for c in COLORS for s in SHAPES for p in (False, True)]
-    for name in names:
-        texts += [f"How many {name} are in the image?", f"Considering the relative positions of the {name} and the "
-                  f"{name} in the image provided, where is the {name} located with respect to the {name}?",
-                  f"Which object is closer to the camera, the {name} or the {name}?", f"\n(A) {name}"]
+    texts += [COUNT_QUESTION, RELATION_QUESTION, DEPTH_QUESTION] + [f"\n(A) {c}" for c in DEPTH_CHOICES]
     for word in ("left", "right", "above", "below") + tuple(str(v) for v in range(7)):
         texts.append(f"\n(A) {word}")
     for number in NUMBER_WORDS:
