@@ -72,6 +72,7 @@ def main(argv=None):
     sampling = Sampling(max_new_tokens=a.new_tokens)
     print(f"{'batch':>5s} {'prompt':>6s} {'cache':>6s} {'prefill s':>10s} {'decode s':>9s} {'tokens/s':>10s} "
           f"{'ms/step':>8s}")
+    rows = []
     for b in [int(x) for x in a.batch.split(",")]:
         ids = [[int(i) for i in rng.integers(1, cfg.decoder.vocab_size, cfg.image_position)] + [IMAGE_TOKEN_INDEX]
                + [int(i) for i in rng.integers(1, cfg.decoder.vocab_size, a.text_tokens)] for _ in range(b)]
@@ -86,8 +87,11 @@ def main(argv=None):
         pf, dc = float(np.median(pre)), float(np.median(dec))
         print(f"{b:5d} {out.prompt_len:6d} {out.cache_len:6d} {pf:10.4f} {dc:9.4f} {new / dc:10.1f} "
               f"{1000 * dc / a.new_tokens:8.2f}")
-    print(f"compiled programs: prefill {generate._prefill._cache_size()}, "
-          f"decode {generate._decode_fn()._cache_size()} (one each per batch size)")
+        rows.append(dict(batch=b, prompt=out.prompt_len, cache=out.cache_len, prefill_s=pf, decode_s=dc,
+                         new_tokens=new, tokens_per_sec=new / dc, ms_per_step=1000 * dc / a.new_tokens))
+    compiled = dict(prefill=generate._prefill._cache_size(), decode=generate._decode_fn()._cache_size())
+    print(f"compiled programs: prefill {compiled['prefill']}, decode {compiled['decode']} (one each per batch size)")
+    return dict(rows=rows, compiled=compiled)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Peak host memory of importing a Hugging Face LLM checkpoint (cambrian_jax.pretrained.load_llm).
 
-    python benchmarks/import_memory.py [--gb 1.0] [--dir /tmp/cambrian_import_bench] [--keep]
+    python benchmarks/import_memory.py [--gb 1.0] [--dir /tmp/cambrian_import_bench] [--keep] \
+        [--hidden 1024] [--vocab 32000]
 
 Writes a random Llama-style checkpoint of about --gb gigabytes (float32, sharded safetensors with an
 index) and imports it in fresh subprocesses, printing peak RSS against the checkpoint size:
@@ -60,14 +61,17 @@ print("RESULT", base, peak, rss_mb(), elapsed)
 """
 
 
-def write_checkpoint(folder: str, gb: float) -> int:
-    """A random Llama checkpoint of about `gb` GB: hidden 1024, MLP 4096, vocab 32000, layers to size."""
+def write_checkpoint(folder: str, gb: float, hidden: int = 1024, vocab: int = 32000) -> int:
+    """A random Llama checkpoint of about `gb` GB (at least one layer): MLP 4 × hidden, head size 64,
+    half as many KV heads, layers to size."""
     sys.path.insert(0, ROOT)
     import numpy as np
 
     from cambrian_jax.export_hf import write_sharded
 
-    h, f, v, heads, kv = 1024, 4096, 32000, 16, 8
+    h, f, v = hidden, 4 * hidden, vocab
+    heads = max(2, h // 64)
+    kv = heads // 2
     d = h // heads
     per_layer = (h * h * 2 + 2 * h * kv * d + 3 * h * f + 2 * h) * 4
     layers = max(1, round((gb * 1e9 - (2 * v * h + h) * 4) / per_layer))
@@ -110,27 +114,33 @@ def measure(folder: str, mode: str) -> dict:
     return dict(mode=mode, base_mb=base, peak_mb=peak, end_mb=end, seconds=elapsed)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--dir", default="/tmp/cambrian_import_bench")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     parser.add_argument("--modes", default="streamed,in-memory")
-    args = parser.parse_args()
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    args = parser.parse_args(argv)
     t0 = time.time()
-    size = write_checkpoint(args.dir, args.gb)
+    size = write_checkpoint(args.dir, args.gb, args.hidden, args.vocab)
     ckpt_mb = size / 2**20
     print(f"checkpoint: {ckpt_mb:.0f} MiB of float32 tensors in {args.dir} (written in {time.time() - t0:.0f}s)")
+    out = dict(checkpoint_mb=ckpt_mb, modes={})
     try:
         for mode in args.modes.split(","):
             r = measure(args.dir, mode)
             extra = r["peak_mb"] - r["base_mb"]
+            r["ratio"] = extra / ckpt_mb
+            out["modes"][mode] = r
             print(f"{mode:>9}: peak RSS {r['peak_mb']:.0f} MiB = baseline {r['base_mb']:.0f} + {extra:.0f} MiB "
-                  f"({extra / ckpt_mb:.2f}× the checkpoint; the loaded parameters themselves are 1.00×), "
+                  f"({r['ratio']:.2f}× the checkpoint; the loaded parameters themselves are 1.00×), "
                   f"{r['seconds']:.1f}s")
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

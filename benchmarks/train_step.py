@@ -1,0 +1,331 @@
+"""Training-step throughput of a config's stage on this machine: step time, tokens/s, TFLOP/s, MFU, memory.
+
+    python benchmarks/train_step.py [--config configs/cambrian_tiny.py[:arg]] [--stage 2] [--steps 10]
+        [--warmup 2] [--batch N] [--dtype bfloat16] [--remat full]
+
+The step is built as the trainer builds it: the config's mesh and sharding rules, parameters created
+in their shards, the stage's trainable filter and optimizer (optim.make_optimizer), the one step
+function (train_step.make_step with the activation constraints), jitted with explicit in/out
+shardings and a donated state, lowered and compiled once ahead of the loop (timed separately). The
+batch has the data contract's fields, shapes and dtypes (cambrian_jax.data.pipeline) with random
+values — a step's cost does not depend on them — and is placed on the devices once.
+
+After --warmup steps, --steps steps are timed one by one (each waits for its results); the figures use
+the median. FLOPs come from cambrian_jax.flops (the trainer's formula: MFU counts model work only;
+HFU adds what the remat policy recomputes), the peak from flops.peak_flops by device kind; CPUs have
+no entry of their own, so the nominal 1 TFLOP/s is used and stated. Because a shared machine's speed
+drifts, the step's FLOP rate is also given as a fraction of a plain square matmul in the compute
+dtype timed in the same run, on one device.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cambrian_jax import config as config_lib  # noqa: E402
+from cambrian_jax import decoder as decoder_module  # noqa: E402
+from cambrian_jax import flops, layout, optim, sharding  # noqa: E402
+from cambrian_jax.config import IGNORE_INDEX, CambrianConfig  # noqa: E402
+from cambrian_jax.model import Cambrian  # noqa: E402
+from cambrian_jax.train_step import make_step  # noqa: E402
+
+SCHEDULE_STEPS = 1000     # the learning-rate schedule's length when the stage has no num_steps (cost-neutral)
+
+
+def load_config(spec: str, *, batch: int | None = None, dtype: str | None = None, remat: str | None = None,
+                stage: int = 2):
+    """`configs/x.py[:arg]` → the run config, with the benchmark's overrides applied."""
+    from cambrian_jax.export_hf import load_config_file  # noqa: PLC0415
+
+    config = load_config_file(spec)
+    if dtype:
+        config.model.dtype = dtype
+    if remat:
+        config.model.remat = remat
+    if batch:
+        config[f"stage{stage}"].global_batch_size = batch
+    return config
+
+
+def contract_batch(cfg: CambrianConfig, batch_size: int, seq_len: int, pixel_format: str = "float32",
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of the data contract: every row has an image, prompt before it, supervised text after it."""
+    rng = np.random.default_rng(seed)
+    p, block = cfg.image_position, cfg.connector.block_len
+    ids = rng.integers(1, cfg.decoder.vocab_size, (batch_size, seq_len)).astype(np.int32)
+    ids[:, p:p + block] = 0                                  # the image block's filler id
+    labels = ids.copy()
+    labels[:, :p + block] = IGNORE_INDEX
+    mask = np.ones((batch_size, seq_len), bool)
+    batch = dict(input_ids=ids, labels=labels, attention_mask=mask, positions=layout.positions(mask),
+                 has_image=np.ones(batch_size, bool))
+    for k, t in enumerate(cfg.towers):
+        shape = (batch_size, t.image_size, t.image_size, 3)
+        batch[f"pixels_{k}"] = (rng.integers(0, 256, shape).astype(np.uint8) if pixel_format == "uint8"
+                                else rng.standard_normal(shape, np.float32))
+        batch[f"tower_mask_{k}"] = np.ones((batch_size, t.token_len), bool)
+    return batch
+
+
+def attention_implementation() -> str:
+    """Which attention the decoder's layers run (read from decoder.py, so it stays true if that changes)."""
+    if "dot_product_attention" in inspect.getsource(decoder_module):
+        return "jax.nn.dot_product_attention (implementation as chosen in decoder.py)"
+    return ("decoder.attend: einsum scores + float32 softmax over an explicit [B, T, S] mask, fused by XLA "
+            "(no flash kernel; decoder.py has no switch for jax.nn.dot_product_attention)")
+
+
+def flash_attention_available() -> str:
+    """Whether this backend compiles jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs)."""
+    platform = jax.devices()[0].platform
+    if platform != "gpu":
+        return f"cuDNN flash attention: not on {platform}" + (" (Splash attention would be the TPU kernel)"
+                                                              if platform == "tpu" else "")
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    try:
+        fn = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"))
+        jax.block_until_ready(fn(q))
+        return "cuDNN flash attention: available on this GPU"
+    except Exception as e:  # noqa: BLE001 — any failure means "not available here"; say why
+        return f"cuDNN flash attention: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def matmul_flops_per_second(dtype: str, n: int | None = None, repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s of an n×n @ n×n matmul in `dtype` on one device, n): the same-run baseline."""
+    n = n or (2048 if jax.devices()[0].platform == "cpu" else 8192)
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (n, n), jnp.dtype(dtype)) for k in keys)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times), n
+
+
+def memory_gib(compiled) -> dict[str, float]:
+    """Per-device sizes of the compiled step from XLA's memory analysis, GiB (empty if not reported)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 — not every backend reports it
+        return {}
+    out = {}
+    for name in ("argument", "output", "temp", "alias", "generated_code"):
+        v = getattr(m, f"{name}_size_in_bytes", None) if m is not None else None
+        if v is not None:
+            out[name] = v / 2**30
+    if {"argument", "output", "temp", "alias"} <= out.keys():
+        out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+@dataclasses.dataclass
+class Built:
+    """A compiled stage step with its inputs on the devices."""
+    compiled: Any
+    state: dict
+    frozen: Any
+    batch: dict
+    model_cfg: CambrianConfig
+    mesh: Any
+    global_batch: int
+    seq_len: int
+    accum: int
+    flops_per_step: float            # model FLOPs (cambrian_jax.flops, the trainer's MFU numerator)
+    recompute_flops: float           # what remat re-runs in the backward pass (not model work)
+    trainable: int
+    frozen_count: int
+    lower_s: float
+    compile_s: float
+
+
+def build(config, stage_n: int) -> Built:
+    """The stage's step exactly as the trainer builds it (Trainer.__init__/_plan/run_stage/_compile)."""
+    if config.get("prng_impl"):
+        jax.config.update("jax_default_prng_impl", config.prng_impl)
+    model_cfg = config_lib.from_dict(config.model)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = [tuple(r) for r in config.sharding_rules]
+    stage = config.get(f"stage{stage_n}")
+    if stage is None:
+        raise config_lib.ConfigError(f"config field stage{stage_n}: this config has no stage {stage_n}")
+    gb, accum = int(stage.global_batch_size), int(stage.accum_steps)
+    sharding.check_batch(gb, accum, mesh, jax.process_count(), f"stage{stage_n}.global_batch_size")
+
+    abstract = nnx.eval_shape(lambda: Cambrian(model_cfg, rngs=nnx.Rngs(config.seed)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    param_shardings = sharding.state_shardings(abstract_params, rules, mesh)
+    paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
+    trainable = optim.check_trainable(paths, list(stage.trainable), f"stage{stage_n}.trainable")
+    optim.check_lr_groups(trainable, list(stage.lr_groups), f"stage{stage_n}.lr_groups")
+    keep = optim.trainable_filter(list(stage.trainable))
+    abs_train, abs_frozen = nnx.split_state(abstract_params, keep, ...)
+    sh_train, sh_frozen = nnx.split_state(param_shardings, keep, ...)
+    tx, _ = optim.make_optimizer(stage, abs_train, int(stage.get("num_steps") or SCHEDULE_STEPS))
+    abs_opt = jax.eval_shape(tx.init, abs_train)
+    sh_opt = sharding.state_shardings(abs_opt, rules, mesh)
+    replicated = sharding.replicated(mesh)
+
+    def placed(abstract_tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+    abs_state = dict(params=placed(abs_train, sh_train), opt=placed(abs_opt, sh_opt),
+                     step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+    sh_state = jax.tree.map(lambda a: a.sharding, abs_state)
+
+    def create():
+        return nnx.state(Cambrian(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+
+    with jax.set_mesh(mesh):
+        params = jax.jit(create, out_shardings=param_shardings)()
+        train_p, frozen = nnx.split_state(params, keep, ...)
+        del params
+        opt = jax.jit(tx.init, out_shardings=sh_opt)(train_p)
+    state = dict(params=train_p, opt=opt, step=jax.device_put(jnp.int32(0), replicated))
+
+    data = config.get("data") or {}
+    seq_len = int(data.get("max_len") or model_cfg.max_len)
+    batch_sh = sharding.batch_sharding(mesh)
+    host_batch = contract_batch(model_cfg, gb // jax.process_count(), seq_len, data.get("pixel_format", "float32"))
+    batch = sharding.to_global(host_batch, batch_sh)
+    abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
+
+    fns = make_step(graphdef, tx, model_cfg.towers, accum, sharding.Constrainer(rules, mesh))
+    jitted = jax.jit(fns.train, in_shardings=(sh_state, sh_frozen, batch_sh),
+                     out_shardings=(sh_state, replicated), donate_argnums=(0,))
+    # Traced inside the rules context, as the trainer does: model code's activation constraints apply.
+    with sharding.rules_context(rules, mesh):
+        t0 = time.perf_counter()
+        lowered = jitted.lower(abs_state, placed(abs_frozen, sh_frozen), abs_batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+
+    flops_per_step = flops.train_flops_per_step(model_cfg, gb, trainable, seq_len)
+    recompute = gb * flops.recompute_flops_per_sample(model_cfg, seq_len)
+    count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731
+    return Built(compiled, state, frozen, batch, model_cfg, mesh, gb, seq_len, accum, flops_per_step, recompute,
+                 count(abs_train), count(abs_frozen), t1 - t0, t2 - t1)
+
+
+def time_steps(b: Built, steps: int, warmup: int) -> tuple[list[float], float]:
+    """(seconds of each timed step, loss of the last one); the state is carried (it is donated)."""
+    state, metrics = b.state, None
+    for _ in range(warmup):
+        state, metrics = b.compiled(state, b.frozen, b.batch)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = b.compiled(state, b.frozen, b.batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    b.state = state
+    return times, float(metrics["loss"])
+
+
+def measure(config, stage_n: int = 2, steps: int = 10, warmup: int = 2, baseline: bool = True) -> dict[str, Any]:
+    """Build, compile and time the stage's step; every figure of the report in one dict."""
+    b = build(config, stage_n)
+    times, loss = time_steps(b, steps, warmup)
+    step_time = statistics.median(times)
+    devices = jax.devices()
+    n_dev = len(devices)
+    peak = flops.peak_flops(devices[0])
+    tokens = b.global_batch * b.seq_len
+    r = dict(stage=stage_n, platform=devices[0].platform, device_kind=devices[0].device_kind, devices=n_dev,
+             mesh=dict(b.mesh.shape), dtype=b.model_cfg.dtype, remat=b.model_cfg.remat, global_batch=b.global_batch,
+             seq_len=b.seq_len, accum_steps=b.accum, trainable_params=b.trainable, frozen_params=b.frozen_count,
+             lower_s=b.lower_s, compile_s=b.compile_s, step_times=times, step_time=step_time,
+             tokens_per_step=tokens, tokens_per_sec=tokens / step_time, samples_per_sec=b.global_batch / step_time,
+             flops_per_step=b.flops_per_step, tflops_per_device=b.flops_per_step / step_time / 1e12 / n_dev,
+             peak_flops_per_device=peak, peak_is_placeholder=peak == flops.PEAK_FLOPS["cpu"],
+             mfu=b.flops_per_step / step_time / (peak * n_dev),
+             hfu=(b.flops_per_step + b.recompute_flops) / step_time / (peak * n_dev), loss=loss,
+             memory_gib=memory_gib(b.compiled),
+             host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+             attention=attention_implementation(), flash=flash_attention_available())
+    stats = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        r["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    if baseline:
+        rate, n = matmul_flops_per_second(b.model_cfg.dtype)
+        r.update(matmul_n=n, matmul_tflops=rate / 1e12,
+                 fraction_of_matmul=r["tflops_per_device"] * 1e12 / rate)
+    return r
+
+
+def _flop(x: float) -> str:
+    return f"{x / 1e12:.3f} TFLOP" if x >= 1e12 else f"{x / 1e9:.3f} GFLOP"
+
+
+def report(spec: str, r: dict[str, Any]) -> str:
+    """The printed table of one measurement."""
+    t = r["step_times"]
+    mem = r["memory_gib"]
+    peak = (f"{r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s bf16 dense ({r['device_kind']})"
+            if not r["peak_is_placeholder"] else
+            f"{r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s — flops.PEAK_FLOPS['cpu'], a nominal placeholder, "
+            f"not this machine's peak")
+    lines = [
+        f"config {spec}, stage {r['stage']}: {r['trainable_params']:,} trainable + {r['frozen_params']:,} frozen "
+        f"parameters; batch {r['global_batch']} × {r['seq_len']} tokens, accum {r['accum_steps']}, "
+        f"{r['dtype']}, remat {r['remat']}",
+        f"devices: {r['devices']} × {r['device_kind']} ({r['platform']}), mesh {r['mesh']}",
+        f"attention: {r['attention']}; {r['flash']}",
+        f"compile: lower {r['lower_s']:.1f} s + compile {r['compile_s']:.1f} s",
+        "memory per device (XLA): " + (", ".join(f"{k} {v:.3f} GiB" for k, v in mem.items()) or "not reported")
+        + f"; host peak RSS {r['host_peak_rss_gib']:.2f} GiB"
+        + (f"; device peak {r['device_peak_gib']:.2f} GiB" if "device_peak_gib" in r else ""),
+        f"step time: median {r['step_time']:.4f} s over {len(t)} steps (min {min(t):.4f}, max {max(t):.4f}); "
+        f"loss {r['loss']:.4f}",
+        f"throughput: {r['tokens_per_sec']:,.0f} tokens/s ({r['tokens_per_step']:,} per step), "
+        f"{r['samples_per_sec']:.3g} samples/s",
+        f"FLOPs: {_flop(r['flops_per_step'])} per step (cambrian_jax.flops) → "
+        f"{r['tflops_per_device']:.4f} TFLOP/s per device",
+        f"MFU: {100 * r['mfu']:.2f} % of {peak}; with remat's recomputation (HFU) {100 * r['hfu']:.2f} %",
+    ]
+    if "matmul_tflops" in r:
+        lines.append(f"same-run baseline: {r['matmul_n']}² matmul in {r['dtype']} at {r['matmul_tflops']:.3f} "
+                     f"TFLOP/s on one device; the step reaches {r['fraction_of_matmul']:.2f}× of it")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cambrian_tiny.py", help="configs/x.py[:arg]")
+    p.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: the stage's)")
+    p.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
+    p.add_argument("--remat", default="", help="remat policy (default: the config's)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the same-run matmul baseline")
+    a = p.parse_args(argv)
+    config = load_config(a.config, batch=a.batch or None, dtype=a.dtype or None, remat=a.remat or None,
+                         stage=a.stage)
+    r = measure(config, a.stage, a.steps, a.warmup, baseline=not a.no_baseline)
+    print(report(a.config, r), flush=True)
+    return r
+
+
+if __name__ == "__main__":
+    main()
