@@ -3,10 +3,10 @@
     python benchmarks/train_step.py [--config configs/cambrian_tiny.py[:arg]] [--stage 2] [--steps 10]
         [--warmup 2] [--batch N] [--dtype bfloat16] [--remat full]
 
-The step is built as the trainer builds it: the config's mesh and sharding rules, parameters created
-in their shards, the stage's trainable filter and optimizer (optim.make_optimizer), the one step
-function (train_step.make_step with the activation constraints), jitted with explicit in/out
-shardings and a donated state, lowered and compiled once ahead of the loop (timed separately). The
+The step is the trainer's own (trainer.TrainSetup: the config's mesh and sharding rules, the stage's
+trainable split and optimizer, the one step function jitted with explicit in/out shardings and a
+donated state, lowered inside the rules context), with parameters created in their shards; it is
+lowered and compiled once ahead of the loop (timed separately). The
 batch has the data contract's fields, shapes and dtypes (cambrian_jax.data.pipeline) with random
 values — a step's cost does not depend on them — and is placed on the devices once.
 
@@ -40,10 +40,10 @@ from flax import nnx  # noqa: E402
 
 from cambrian_jax import config as config_lib  # noqa: E402
 from cambrian_jax import decoder as decoder_module  # noqa: E402
-from cambrian_jax import flops, layout, optim, sharding  # noqa: E402
+from cambrian_jax import flops, layout, sharding  # noqa: E402
 from cambrian_jax.config import IGNORE_INDEX, CambrianConfig  # noqa: E402
 from cambrian_jax.model import Cambrian  # noqa: E402
-from cambrian_jax.train_step import make_step  # noqa: E402
+from cambrian_jax.trainer import TrainSetup  # noqa: E402
 
 SCHEDULE_STEPS = 1000     # the learning-rate schedule's length when the stage has no num_steps (cost-neutral)
 
@@ -158,72 +158,46 @@ class Built:
 
 
 def build(config, stage_n: int) -> Built:
-    """The stage's step exactly as the trainer builds it (Trainer.__init__/_plan/run_stage/_compile)."""
+    """The stage's step as the trainer builds it: trainer.TrainSetup's plan and program, then the
+    parameters initialised on the mesh as Trainer.run_stage does."""
     if config.get("prng_impl"):
         jax.config.update("jax_default_prng_impl", config.prng_impl)
-    model_cfg = config_lib.from_dict(config.model)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = [tuple(r) for r in config.sharding_rules]
-    stage = config.get(f"stage{stage_n}")
-    if stage is None:
-        raise config_lib.ConfigError(f"config field stage{stage_n}: this config has no stage {stage_n}")
-    gb, accum = int(stage.global_batch_size), int(stage.accum_steps)
-    sharding.check_batch(gb, accum, mesh, jax.process_count(), f"stage{stage_n}.global_batch_size")
-
-    abstract = nnx.eval_shape(lambda: Cambrian(model_cfg, rngs=nnx.Rngs(config.seed)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    param_shardings = sharding.state_shardings(abstract_params, rules, mesh)
-    paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
-    trainable = optim.check_trainable(paths, list(stage.trainable), f"stage{stage_n}.trainable")
-    optim.check_lr_groups(trainable, list(stage.lr_groups), f"stage{stage_n}.lr_groups")
-    keep = optim.trainable_filter(list(stage.trainable))
-    abs_train, abs_frozen = nnx.split_state(abstract_params, keep, ...)
-    sh_train, sh_frozen = nnx.split_state(param_shardings, keep, ...)
-    tx, _ = optim.make_optimizer(stage, abs_train, int(stage.get("num_steps") or SCHEDULE_STEPS))
-    abs_opt = jax.eval_shape(tx.init, abs_train)
-    sh_opt = sharding.state_shardings(abs_opt, rules, mesh)
-    replicated = sharding.replicated(mesh)
-
-    def placed(abstract_tree, shardings):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
-
-    abs_state = dict(params=placed(abs_train, sh_train), opt=placed(abs_opt, sh_opt),
-                     step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
-    sh_state = jax.tree.map(lambda a: a.sharding, abs_state)
+    setup = TrainSetup(config, sharding.make_mesh(dict(config.mesh)))
+    model_cfg, mesh = setup.model_cfg, setup.mesh
+    if stage_n not in setup.stages:
+        raise config_lib.ConfigError(f"config field stages: this config has no stage {stage_n}")
+    plan = setup.plan(stage_n)
+    gb, accum = int(plan.stage.global_batch_size), int(plan.stage.accum_steps)
+    program = setup.program(plan, int(plan.stage.get("num_steps") or SCHEDULE_STEPS))
 
     def create():
         return nnx.state(Cambrian(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
 
+    replicated = sharding.replicated(mesh)
     with jax.set_mesh(mesh):
-        params = jax.jit(create, out_shardings=param_shardings)()
-        train_p, frozen = nnx.split_state(params, keep, ...)
+        params = jax.jit(create, out_shardings=setup.param_shardings)()
+        train_p, frozen = nnx.split_state(params, plan.keep, ...)
         del params
-        opt = jax.jit(tx.init, out_shardings=sh_opt)(train_p)
+        opt = jax.jit(program.tx.init, out_shardings=program.sh_opt)(train_p)
     state = dict(params=train_p, opt=opt, step=jax.device_put(jnp.int32(0), replicated))
 
     data = config.get("data") or {}
     seq_len = int(data.get("max_len") or model_cfg.max_len)
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = program.batch_sharding
     host_batch = contract_batch(model_cfg, gb // jax.process_count(), seq_len, data.get("pixel_format", "float32"))
     batch = sharding.to_global(host_batch, batch_sh)
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    lowered = program.lower(abs_batch)       # inside the rules context, as the trainer does
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
 
-    fns = make_step(graphdef, tx, model_cfg.towers, accum, sharding.Constrainer(rules, mesh))
-    jitted = jax.jit(fns.train, in_shardings=(sh_state, sh_frozen, batch_sh),
-                     out_shardings=(sh_state, replicated), donate_argnums=(0,))
-    # Traced inside the rules context, as the trainer does: model code's activation constraints apply.
-    with sharding.rules_context(rules, mesh):
-        t0 = time.perf_counter()
-        lowered = jitted.lower(abs_state, placed(abs_frozen, sh_frozen), abs_batch)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-
-    flops_per_step = flops.train_flops_per_step(model_cfg, gb, trainable, seq_len)
+    flops_per_step = flops.train_flops_per_step(model_cfg, gb, plan.trainable_paths, seq_len)
     recompute = gb * flops.recompute_flops_per_sample(model_cfg, seq_len)
     count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731
     return Built(compiled, state, frozen, batch, model_cfg, mesh, gb, seq_len, accum, flops_per_step, recompute,
-                 count(abs_train), count(abs_frozen), t1 - t0, t2 - t1)
+                 count(plan.abs_train), count(plan.abs_frozen), t1 - t0, t2 - t1)
 
 
 def time_steps(b: Built, steps: int, warmup: int) -> tuple[list[float], float]:

@@ -173,6 +173,19 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_trained_towers(kinds: Sequence[str], trainable_paths: Sequence[str], mesh: Mesh, field: str) -> None:
+    """Refuse to train a ConvNeXt tower with tensor > 1: under SPMD partitioning jax 0.10.2's XLA
+    returns its depthwise-convolution kernel gradients multiplied by the tensor degree (input
+    gradients and ordinary convolutions are right), so such a run would silently train wrong."""
+    tensor = int(dict(mesh.shape).get("tensor", 1))
+    convnext = tuple(f"towers/{k}/" for k, kind in enumerate(kinds) if kind == "convnext")
+    trained = sorted({p.split("/")[1] for p in trainable_paths if convnext and p.startswith(convnext)})
+    if tensor > 1 and trained:
+        raise ConfigError(f"config field {field}: ConvNeXt tower(s) {', '.join(trained)} are trainable on a mesh "
+                          f"with tensor={tensor}, where XLA computes their depthwise-convolution gradients "
+                          f"{tensor}x too large; freeze them in this stage or use mesh.tensor=1")
+
+
 def check_batch(global_batch: int, accum_steps: int, mesh: Mesh, process_count: int, field: str) -> None:
     """A ConfigError naming `field` unless every micro-batch splits evenly over the data-parallel devices."""
     dp = data_parallel_size(mesh)

@@ -192,6 +192,86 @@ class StagePlan:
         return bool(jax.tree.leaves(self.abs_frozen))
 
 
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs carrying their shardings: what a step is lowered with, and restored into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+@dataclasses.dataclass
+class StageProgram:
+    """A stage's optimizer, abstract train state and jitted step, built once by TrainSetup.program:
+    the trainer compiles and runs it, the planner (cambrian_jax.plan) compiles it for a topology."""
+    plan: StagePlan
+    tx: Any
+    schedules: dict[str, Any]        # learning-rate group → schedule
+    sh_opt: Any
+    abs_state: dict                  # {'params', 'opt', 'step'} as sharded ShapeDtypeStructs
+    abs_frozen: Any
+    batch_sharding: Any
+    step: Any                        # jax.jit(train_step.train) with explicit shardings, state donated
+    rules: list
+    mesh: Any
+
+    def lower(self, abs_batch: dict):
+        # Traced inside the rules context: model code's activation constraints resolve against it.
+        with sharding.rules_context(self.rules, self.mesh):
+            return self.step.lower(self.abs_state, self.abs_frozen, abs_batch)
+
+
+class TrainSetup:
+    """What a config describes, abstractly (nothing allocated): the model's parameter tree and
+    shardings on a mesh, each stage's plan, and each stage's program. The trainer runs these; the
+    planner compiles the very same programs for a topology it only simulates."""
+
+    def __init__(self, config, mesh, process_count: int | None = None):
+        self.config = config
+        self.model_cfg = config_lib.from_dict(config.model)
+        self.mesh = mesh
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.rules = [tuple(r) for r in config.sharding_rules]
+        self.stages = tuple(int(s) for s in config.get("stages", (1, 2)))
+        if not self.stages or set(self.stages) - {1, 2} or list(self.stages) != sorted(set(self.stages)):
+            raise ConfigError(f"config field stages: {self.stages} must be (1, 2), (1,) or (2,)")
+        model = nnx.eval_shape(lambda: Cambrian(self.model_cfg, rngs=nnx.Rngs(config.seed)))
+        self.graphdef, self.abstract_params = nnx.split(model, nnx.Param)
+        self.param_shardings = sharding.state_shardings(self.abstract_params, self.rules, self.mesh)
+        self.param_paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(self.abstract_params)]
+
+    def plan(self, n: int) -> StagePlan:
+        """Stage n's trainable split, checked (batch over the mesh, trainable patterns, LR groups)."""
+        field = f"stage{n}"
+        stage = self.config.get(field)
+        if stage is None:
+            raise ConfigError(f"config field {field}: missing, but config.stages = {self.stages} runs it")
+        sharding.check_batch(int(stage.global_batch_size), int(stage.accum_steps), self.mesh, self.process_count,
+                             f"{field}.global_batch_size")
+        trainable = optim.check_trainable(self.param_paths, list(stage.trainable), f"{field}.trainable")
+        groups = optim.check_lr_groups(trainable, list(stage.lr_groups), f"{field}.lr_groups")
+        sharding.check_trained_towers([t.kind for t in self.model_cfg.towers], trainable, self.mesh,
+                                      f"{field}.trainable")
+        keep = optim.trainable_filter(list(stage.trainable))
+        abs_train, abs_frozen = nnx.split_state(self.abstract_params, keep, ...)
+        sh_train, sh_frozen = nnx.split_state(self.param_shardings, keep, ...)
+        return StagePlan(n, stage, keep, trainable, groups, abs_train, abs_frozen, sh_train, sh_frozen)
+
+    def program(self, plan: StagePlan, total_steps: int) -> StageProgram:
+        """The optimizer (its schedules need the step count), the sharded abstract state and the step."""
+        tx, schedules = optim.make_optimizer(plan.stage, plan.abs_train, total_steps)
+        abs_opt = jax.eval_shape(tx.init, plan.abs_train)
+        sh_opt = sharding.state_shardings(abs_opt, self.rules, self.mesh)
+        replicated = sharding.replicated(self.mesh)
+        sh_state = dict(params=plan.sh_train, opt=sh_opt, step=replicated)
+        abs_state = dict(params=abstract(plan.abs_train, plan.sh_train), opt=abstract(abs_opt, sh_opt),
+                         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+        batch_sh = sharding.batch_sharding(self.mesh)
+        fns = make_step(self.graphdef, tx, self.model_cfg.towers, int(plan.stage.accum_steps),
+                        sharding.Constrainer(self.rules, self.mesh))
+        step = jax.jit(fns.train, in_shardings=(sh_state, plan.sh_frozen, batch_sh),
+                       out_shardings=(sh_state, replicated), donate_argnums=(0,))
+        return StageProgram(plan, tx, schedules, sh_opt, abs_state, abstract(plan.abs_frozen, plan.sh_frozen),
+                            batch_sh, step, self.rules, self.mesh)
+
+
 class Trainer:
     """`Trainer(config, workdir).run()` trains config.stages (default (1, 2)) and returns True, or
     False when a SIGTERM stopped it after a checkpoint (re-running resumes)."""
@@ -208,16 +288,11 @@ class Trainer:
             jax.config.update("jax_default_prng_impl", config.prng_impl)
         if config.get("compilation_cache_dir"):
             jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
-        self.model_cfg = config_lib.from_dict(config.model)
-        self.mesh = sharding.make_mesh(dict(config.mesh))
-        self.rules = [tuple(r) for r in config.sharding_rules]
-        self.stages = tuple(int(s) for s in config.get("stages", (1, 2)))
-        if not self.stages or set(self.stages) - {1, 2} or list(self.stages) != sorted(set(self.stages)):
-            raise ConfigError(f"config field stages: {self.stages} must be (1, 2), (1,) or (2,)")
-        abstract = nnx.eval_shape(lambda: Cambrian(self.model_cfg, rngs=nnx.Rngs(config.seed)))
-        self.graphdef, self.abstract_params = nnx.split(abstract, nnx.Param)
-        self.param_shardings = sharding.state_shardings(self.abstract_params, self.rules, self.mesh)
-        self.param_paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(self.abstract_params)]
+        self.setup = TrainSetup(config, sharding.make_mesh(dict(config.mesh)))
+        self.model_cfg, self.mesh, self.rules, self.stages = (self.setup.model_cfg, self.setup.mesh, self.setup.rules,
+                                                              self.setup.stages)
+        self.graphdef, self.abstract_params = self.setup.graphdef, self.setup.abstract_params
+        self.param_shardings, self.param_paths = self.setup.param_shardings, self.setup.param_paths
         self.plans = {n: self._plan(n) for n in self.stages}   # every config error before any compile
         self.metrics = MetricsWriter(self.log_dir)
         self.preemption = Preemption()
@@ -232,24 +307,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up checks
     def _plan(self, n: int) -> StagePlan:
-        field = f"stage{n}"
-        stage = self.config.get(field)
-        if stage is None:
-            raise ConfigError(f"config field {field}: missing, but config.stages = {self.stages} runs it")
-        sharding.check_batch(int(stage.global_batch_size), int(stage.accum_steps), self.mesh, jax.process_count(),
-                             f"{field}.global_batch_size")
-        trainable = optim.check_trainable(self.param_paths, list(stage.trainable), f"{field}.trainable")
-        groups = optim.check_lr_groups(trainable, list(stage.lr_groups), f"{field}.lr_groups")
+        plan = self.setup.plan(n)
         data = dict(self.config.get("data") or {})
-        data.update(dict(stage.get("data") or {}))
+        data.update(dict(plan.stage.get("data") or {}))
         if data.get("source", "array_record") == "array_record" and not list(data.get("paths") or []):
-            raise ConfigError(f"config field {field}.data.paths: no training data; give the prepared ArrayRecord "
+            raise ConfigError(f"config field stage{n}.data.paths: no training data; give the prepared ArrayRecord "
                               f"folders (python -m cambrian_jax.data.prepare), e.g. with the config switch "
                               f"data{n}=/path/to/prepared")
-        keep = optim.trainable_filter(list(stage.trainable))
-        abs_train, abs_frozen = nnx.split_state(self.abstract_params, keep, ...)
-        sh_train, sh_frozen = nnx.split_state(self.param_shardings, keep, ...)
-        return StagePlan(n, stage, keep, trainable, groups, abs_train, abs_frozen, sh_train, sh_frozen)
+        return plan
 
     # ---------------------------------------------------------------- parameters
     def init_params(self) -> nnx.State:
@@ -305,14 +370,10 @@ class Trainer:
                     f"stage {n + 1} starts from stage {n}'s final parameters, but stage {n} has not finished in "
                     f"{where} ({state}); run --stage {n} (or --stage all) first, or train one stage only with "
                     f"the config switch one_stage (config.stages = (2,)).")
-            target = self._abstract(self.abstract_params, self.param_shardings)
+            target = abstract(self.abstract_params, self.param_shardings)
             return mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
         finally:
             mgr.close()
-
-    @staticmethod
-    def _abstract(abstract, shardings):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     # ---------------------------------------------------------------- checkpoints
     def _manager(self, n: int) -> ocp.CheckpointManager:
@@ -354,7 +415,7 @@ class Trainer:
         path = self._path(f"stage{plan.n}_frozen")
         ckptr = ocp.StandardCheckpointer()
         try:
-            return ckptr.restore(path, self._abstract(plan.abs_frozen, plan.sh_frozen))
+            return ckptr.restore(path, abstract(plan.abs_frozen, plan.sh_frozen))
         except (FileNotFoundError, ValueError) as e:
             logging.warning("stage %d: no saved frozen parameters at %s (%s); rebuilding them as the stage "
                             "started them", plan.n, path, e)
@@ -383,13 +444,8 @@ class Trainer:
                                                     jax.process_index(), jax.process_count())
         gb = int(stage.global_batch_size)
         total = int(stage.get("num_steps") or math.ceil(stage.epochs * num_examples / gb))
-        tx, schedules = optim.make_optimizer(stage, plan.abs_train, total)
-        abs_opt = jax.eval_shape(tx.init, plan.abs_train)
-        sh_opt = sharding.state_shardings(abs_opt, self.rules, self.mesh)
-        replicated = sharding.replicated(self.mesh)
-        sh_state = dict(params=plan.sh_train, opt=sh_opt, step=replicated)
-        abs_state = dict(params=self._abstract(plan.abs_train, plan.sh_train), opt=self._abstract(abs_opt, sh_opt),
-                         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+        program = self.setup.program(plan, total)
+        tx, schedules, abs_state = program.tx, program.schedules, program.abs_state
 
         mgr = self._manager(n)
         frozen_ckptr = None
@@ -411,13 +467,13 @@ class Trainer:
                 train_p, frozen = nnx.split_state(params, plan.keep, ...)
                 del params
                 with jax.set_mesh(self.mesh):
-                    opt = jax.jit(tx.init, out_shardings=sh_opt)(train_p)
-                state = dict(params=train_p, opt=opt, step=jax.device_put(jnp.int32(0), replicated))
+                    opt = jax.jit(tx.init, out_shardings=program.sh_opt)(train_p)
+                state = dict(params=train_p, opt=opt,
+                             step=jax.device_put(jnp.int32(0), sharding.replicated(self.mesh)))
                 frozen_ckptr = self._save_frozen(plan, frozen)
 
             first = next(data)
-            batch_sh = sharding.batch_sharding(self.mesh)
-            compiled = self._compile(plan, tx, abs_state, first, batch_sh)
+            compiled = self._compile(program, first)
             finished = self._loop(plan, mgr, state, frozen, data, first, compiled, total, schedules, frozen_ckptr)
         finally:
             if frozen_ckptr is not None:
@@ -430,24 +486,19 @@ class Trainer:
             self._params_from = n
         return finished
 
-    def _compile(self, plan: StagePlan, tx, abs_state, first_batch, batch_sh):
+    def _compile(self, program: StageProgram, first_batch):
         """Lower and compile the stage's step once, ahead of the loop; log time and memory."""
+        plan = program.plan
         n = plan.n
         key = (n, self.mesh.devices.shape, tuple(sorted((k, v.shape) for k, v in first_batch.items())))
         if key in self.compiled:
             return self.compiled[key]
         procs = jax.process_count()
-        abs_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * procs,) + v.shape[1:], v.dtype, sharding=batch_sh)
+        abs_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * procs,) + v.shape[1:], v.dtype,
+                                             sharding=program.batch_sharding)
                      for k, v in first_batch.items()}
-        abs_frozen = self._abstract(plan.abs_frozen, plan.sh_frozen)
-        fns = make_step(self.graphdef, tx, self.model_cfg.towers, int(plan.stage.accum_steps),
-                        sharding.Constrainer(self.rules, self.mesh))
-        sh_state = jax.tree.map(lambda a: a.sharding, abs_state)
         t0 = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            jitted = jax.jit(fns.train, in_shardings=(sh_state, plan.sh_frozen, batch_sh),
-                             out_shardings=(sh_state, sharding.replicated(self.mesh)), donate_argnums=(0,))
-            compiled = jitted.lower(abs_state, abs_frozen, abs_batch).compile()
+        compiled = program.lower(abs_batch).compile()
         seconds = time.perf_counter() - t0
         mem = _memory(compiled)
         n_train = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(plan.abs_train))
@@ -463,10 +514,8 @@ class Trainer:
         n, stage = plan.n, plan.stage
         batch_sh = sharding.batch_sharding(self.mesh)
         step = int(jax.device_get(state["step"]))
-        flops_per_step = int(stage.global_batch_size) * flops.train_flops_per_sample(
-            self.model_cfg, self.model_cfg.max_len,
-            train_decoder=any(p.startswith("decoder/") for p in plan.trainable_paths),
-            train_towers=any(p.startswith("towers/") for p in plan.trainable_paths))
+        flops_per_step = flops.train_flops_per_step(self.model_cfg, int(stage.global_batch_size),
+                                                    plan.trainable_paths)
         peak = flops.peak_flops(jax.devices()[0]) * jax.device_count()
         log_every = int(self.config.log_every)
         progress = Progress(n, step, total)

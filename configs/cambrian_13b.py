@@ -4,8 +4,11 @@ the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7
 Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggregators and queries at
 1e-4) with towers and LLM frozen; stage 2 trains the LLM and the connector at 4e-5. Both: AdamW
 (0.9, 0.999, 1e-8), no weight decay, clip 1.0, cosine to 0 after linear warmup, one epoch, global batch
-512, length 2048. Parameters and optimizer state are FSDP-sharded over every chip
-(a v4-512 slice).
+512, length 2048. Parameters and optimizer state are FSDP-sharded over every chip.
+
+Documented topology: both stages fit on v4-512 (256 chips, 32 GiB each) without accumulation, two
+rows per chip (the planner: `python -m cambrian_jax.plan --config configs/cambrian_13b.py
+--topology v4-512`).
 
   python -m cambrian_jax.train --workdir gs://BUCKET/cambrian-13b \
     --config configs/cambrian_13b.py:data1=/data/alignment,data2=/data/cambrian7m,\

@@ -4,8 +4,12 @@ the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7
 Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggregators and queries at
 1e-4) with towers and LLM frozen; stage 2 trains the LLM and the connector at 2e-5. Both: AdamW
 (0.9, 0.999, 1e-8), no weight decay, clip 1.0, cosine to 0 after linear warmup, one epoch, global batch
-1024, length 2048. Parameters and optimizer state are FSDP-sharded over every chip
-(a v4-512 slice: 256 chips, 4 rows each).
+1024, length 2048. Parameters and optimizer state are FSDP-sharded over every chip.
+
+Documented topology: both stages fit on v4-512 (256 chips, 32 GiB each) with accum=4, one row per
+chip per micro-batch; without accumulation stage 2 needs about 56 GiB per chip (the planner:
+`python -m cambrian_jax.plan --config configs/cambrian_34b.py --topology v4-512`). On another slice
+pass accum=… so that the 1024 rows split evenly over chips × accum.
 
   python -m cambrian_jax.train --workdir gs://BUCKET/cambrian-34b \
     --config configs/cambrian_34b.py:data1=/data/alignment,data2=/data/cambrian7m,\
@@ -18,7 +22,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    return common.training_config(
+    config = common.training_config(
         "34b", arg,
         global_batch=1024,                          # spec §7.1
         stage1_lr=(1e-3, 1e-4),                     # (projectors + image_newline, vision_sampler* + vision_query)
@@ -29,3 +33,6 @@ def get_config(arg=None):
         remat="full",                               # every decoder layer recomputed in the backward pass
         dtype="bfloat16",                           # compute dtype; parameters and optimizer state stay float32
     )
+    if "accum=" not in (arg or ""):   # the documented topology's accumulation (see above)
+        config.stage1.accum_steps = config.stage2.accum_steps = 4
+    return config

@@ -4,8 +4,11 @@ the released architecture (spec §5.2, §6.1) and its two-stage recipe (spec §7
 Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggregators and queries at
 1e-4) with towers and LLM frozen; stage 2 trains the LLM and the connector at 4e-5. Both: AdamW
 (0.9, 0.999, 1e-8), no weight decay, clip 1.0, cosine to 0 after linear warmup, one epoch, global batch
-512, length 2048. Parameters and optimizer state are FSDP-sharded over every chip
-(a v4-64 slice with accum=8 … a v4-512).
+512, length 2048. Parameters and optimizer state are FSDP-sharded over every chip.
+
+Documented topology: both stages fit on v4-64 (32 chips, 32 GiB each) with accum=8, two rows per chip
+per micro-batch (the planner: `python -m cambrian_jax.plan --config configs/cambrian_3b.py
+--topology v4-64`). On a v4-512 pass accum=1.
 
   python -m cambrian_jax.train --workdir gs://BUCKET/cambrian-3b \
     --config configs/cambrian_3b.py:data1=/data/alignment,data2=/data/cambrian7m,\
@@ -18,7 +21,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    return common.training_config(
+    config = common.training_config(
         "3b", arg,
         global_batch=512,                           # spec §7.1
         stage1_lr=(1e-3, 1e-4),                     # (projectors + image_newline, vision_sampler* + vision_query)
@@ -29,3 +32,6 @@ def get_config(arg=None):
         remat="full",                               # every decoder layer recomputed in the backward pass
         dtype="bfloat16",                           # compute dtype; parameters and optimizer state stay float32
     )
+    if "accum=" not in (arg or ""):   # the documented topology's accumulation (see above)
+        config.stage1.accum_steps = config.stage2.accum_steps = 8
+    return config

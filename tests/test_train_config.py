@@ -157,6 +157,17 @@ def test_stage_two_alone_needs_a_finished_stage_one(tmp_path):
         t.run_stage(2)
 
 
+def test_trained_convnext_with_tensor_parallelism_is_refused():
+    class Mesh:
+        shape = {"data": 1, "fsdp": 2, "tensor": 2}
+    paths = ["towers/0/blocks/attn/q/kernel", "towers/1/stages/0/blocks/dwconv/kernel", "connector/x"]
+    with pytest.raises(ConfigError, match=r"stage2\.trainable: ConvNeXt tower\(s\) 1 .* tensor=2"):
+        sharding.check_trained_towers(["clip", "convnext"], paths, Mesh, "stage2.trainable")
+    sharding.check_trained_towers(["clip", "convnext"], paths[::2], Mesh, "stage2.trainable")   # frozen: fine
+    Mesh.shape = {"data": 1, "fsdp": 4, "tensor": 1}
+    sharding.check_trained_towers(["clip", "convnext"], paths, Mesh, "stage2.trainable")
+
+
 def test_batch_errors_say_what_would_work():
     class Mesh:
         shape = {"data": 2, "fsdp": 4, "tensor": 1}
@@ -258,8 +269,10 @@ def test_one_flop_formula_for_every_stage():
     decoder = flops.decoder_forward(cfg, 2048)
     s1 = flops.train_flops_per_sample(cfg, 2048, train_decoder=False)
     s2 = flops.train_flops_per_sample(cfg, 2048, train_decoder=True)
-    assert s1 == pytest.approx(towers + 3 * (connector + aggregators) + 2 * decoder)
-    assert s2 - s1 == pytest.approx(decoder)
+    # A frozen LLM costs 2× its forward except its self-attention (no weights: both operands need grads).
+    attention = cfg.decoder.num_layers * flops.decoder_layer_forward(cfg, 2048)["attention"]
+    assert s1 == pytest.approx(towers + 3 * (connector + aggregators) + 2 * (decoder - attention) + 3 * attention)
+    assert s2 - s1 == pytest.approx(decoder - attention)
     unfrozen = flops.train_flops_per_sample(cfg, 2048, train_decoder=True, train_towers=True)
     assert unfrozen - s2 == pytest.approx(2 * towers)
     # Causal attention counts half the score matrix: 8B decoder ≈ 2·N·T + half of 4·T²·H per layer.
