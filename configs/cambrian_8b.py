@@ -31,7 +31,6 @@ def get_config(arg=None):
         mesh_axes=dict(data=1, fsdp=-1, tensor=1),  # -1: the rest of the devices
         remat="full",                               # every decoder layer recomputed in the backward pass
         dtype="bfloat16",                           # compute dtype; parameters and optimizer state stay float32
+        accum=8,                                    # the documented topology's accumulation (the accum switch wins)
     )
-    if "accum=" not in (arg or ""):   # the documented topology's accumulation (see above)
-        config.stage1.accum_steps = config.stage2.accum_steps = 8
     return config

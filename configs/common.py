@@ -170,7 +170,7 @@ def stage_options(config, arg) -> None:
 
 def training_config(size: str, arg, *, global_batch: int, stage1_lr: tuple[float, float], stage2_lr: float,
                     warmup: tuple[float, float], save_every: tuple[int, int], mesh_axes: dict,
-                    remat: str = "full", dtype: str = "bfloat16", max_len: int = 2048):
+                    remat: str = "full", dtype: str = "bfloat16", max_len: int = 2048, accum: int = 1):
     """The whole two-stage recipe of a released size (spec §7.1), with launch-time switches:
 
       data1, data2     prepared ArrayRecord folders of stage 1 (alignment) and stage 2 (instruction)
@@ -187,7 +187,7 @@ def training_config(size: str, arg, *, global_batch: int, stage1_lr: tuple[float
       workers          grain worker processes per host
     """
     arg = parse_arg(arg, data1="", data2="", tokenizer="", llm="", towers="", adapter="", batch=global_batch,
-                    accum=1, steps1=0, steps2=0, data=int(mesh_axes.get("data", 1)),
+                    accum=accum, steps1=0, steps2=0, data=int(mesh_axes.get("data", 1)),
                     fsdp=int(mesh_axes.get("fsdp", -1)), tensor=int(mesh_axes.get("tensor", 1)), one_stage=False,
                     connector_only=False, unfreeze_towers="", towers_lr=2e-6, remat=remat, dtype=dtype, workers=4)
     from cambrian_jax.data import pipeline  # noqa: PLC0415  (light: no JAX)
