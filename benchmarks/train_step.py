@@ -42,6 +42,7 @@ from cambrian_jax import config as config_lib  # noqa: E402
 from cambrian_jax import decoder as decoder_module  # noqa: E402
 from cambrian_jax import flops, layout, sharding  # noqa: E402
 from cambrian_jax.config import IGNORE_INDEX, CambrianConfig  # noqa: E402
+from cambrian_jax.data.pipeline import batch_spec  # noqa: E402
 from cambrian_jax.model import Cambrian  # noqa: E402
 from cambrian_jax.trainer import TrainSetup  # noqa: E402
 
@@ -65,21 +66,23 @@ def load_config(spec: str, *, batch: int | None = None, dtype: str | None = None
 
 def contract_batch(cfg: CambrianConfig, batch_size: int, seq_len: int, pixel_format: str = "float32",
                    seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch of the data contract: every row has an image, prompt before it, supervised text after it."""
+    """A batch of the data contract (pipeline.batch_spec): every row has an image, prompt before it,
+    supervised text after it; random values."""
     rng = np.random.default_rng(seed)
+    spec = batch_spec(cfg, dict(max_len=seq_len, pixel_format=pixel_format), batch_size)
     p, block = cfg.image_position, cfg.connector.block_len
-    ids = rng.integers(1, cfg.decoder.vocab_size, (batch_size, seq_len)).astype(np.int32)
+    ids = rng.integers(1, cfg.decoder.vocab_size, spec["input_ids"][0]).astype(np.int32)
     ids[:, p:p + block] = 0                                  # the image block's filler id
     labels = ids.copy()
     labels[:, :p + block] = IGNORE_INDEX
-    mask = np.ones((batch_size, seq_len), bool)
+    mask = np.ones(spec["attention_mask"][0], bool)
     batch = dict(input_ids=ids, labels=labels, attention_mask=mask, positions=layout.positions(mask),
-                 has_image=np.ones(batch_size, bool))
-    for k, t in enumerate(cfg.towers):
-        shape = (batch_size, t.image_size, t.image_size, 3)
-        batch[f"pixels_{k}"] = (rng.integers(0, 256, shape).astype(np.uint8) if pixel_format == "uint8"
+                 has_image=np.ones(spec["has_image"][0], bool))
+    for k in range(len(cfg.towers)):
+        shape, dtype = spec[f"pixels_{k}"]
+        batch[f"pixels_{k}"] = (rng.integers(0, 256, shape).astype(np.uint8) if dtype == "uint8"
                                 else rng.standard_normal(shape, np.float32))
-        batch[f"tower_mask_{k}"] = np.ones((batch_size, t.token_len), bool)
+        batch[f"tower_mask_{k}"] = np.ones(spec[f"tower_mask_{k}"][0], bool)
     return batch
 
 

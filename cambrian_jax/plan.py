@@ -42,20 +42,6 @@ GiB = 2 ** 30
 PARTS = ("parameters", "optimizer", "gradients", "batch", "activations")
 
 
-# ------------------------------------------------------------------------------------------ batch
-
-def batch_spec(model_cfg, data_cfg, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{field: (shape, dtype)} of a global batch of `rows`, as cambrian_jax.data.pipeline yields it."""
-    t = int(data_cfg.get("max_len") or 0) or model_cfg.max_len
-    pixels = "uint8" if data_cfg.get("pixel_format", "float32") == "uint8" else "float32"
-    spec = dict(input_ids=((rows, t), "int32"), labels=((rows, t), "int32"), attention_mask=((rows, t), "bool"),
-                positions=((rows, t), "int32"), has_image=((rows,), "bool"))
-    for k, tower in enumerate(model_cfg.towers):
-        spec[f"pixels_{k}"] = ((rows, tower.image_size, tower.image_size, 3), pixels)
-        spec[f"tower_mask_{k}"] = ((rows, tower.token_len), "bool")
-    return spec
-
-
 # ------------------------------------------------------------------------------------------ one plan
 
 @dataclasses.dataclass
@@ -134,6 +120,7 @@ def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, set
     import numpy as np  # noqa: PLC0415
 
     from cambrian_jax import flops, sharding  # noqa: PLC0415
+    from cambrian_jax.data.pipeline import batch_spec  # noqa: PLC0415
     from cambrian_jax.trainer import TrainSetup  # noqa: PLC0415
 
     if setup is None:

@@ -85,7 +85,6 @@ def test_mfu_peak_comes_from_the_same_table():
 # ------------------------------------------------------------------------------------------ batch
 
 def test_batch_spec_is_the_pipelines_batch(tmp_path):
-    from cambrian_jax import plan
     from cambrian_jax.data import pipeline
 
     config = cambrian_tiny.get_config("micro,batch=4")
@@ -96,7 +95,7 @@ def test_batch_spec_is_the_pipelines_batch(tmp_path):
         got = {k: (v.shape, str(v.dtype)) for k, v in next(it).items()}
     finally:
         it.close()
-    assert got == plan.batch_spec(model_cfg, config.data, 4)
+    assert got == pipeline.batch_spec(model_cfg, config.data, 4)
 
 
 # ------------------------------------------------------------------------------------------ micro

@@ -87,6 +87,19 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     return c
 
 
+def batch_spec(model_cfg, data_cfg, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{field: (shape, dtype)} of a batch of `rows` as this pipeline yields it (the batch contract), for
+    lowering a step without data (the planner, benchmarks)."""
+    t = int(data_cfg.get("max_len") or 0) or model_cfg.max_len
+    pixels = "uint8" if data_cfg.get("pixel_format", "float32") == "uint8" else "float32"
+    spec = dict(input_ids=((rows, t), "int32"), labels=((rows, t), "int32"), attention_mask=((rows, t), "bool"),
+                positions=((rows, t), "int32"), has_image=((rows,), "bool"))
+    for k, tower in enumerate(model_cfg.towers):
+        spec[f"pixels_{k}"] = ((rows, tower.image_size, tower.image_size, 3), pixels)
+        spec[f"tower_mask_{k}"] = ((rows, tower.token_len), "bool")
+    return spec
+
+
 # ------------------------------------------------------------------------------------------- order
 
 class GlobalOrder:
