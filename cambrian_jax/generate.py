@@ -242,15 +242,9 @@ def layout_rows(cfg: CambrianConfig, ids_list: Sequence[Sequence[int]], images: 
     from cambrian_jax.model import static_layout
 
     if any(im is not None for im in images):
-        # Masks exactly as training computes them (preprocess.image_masks): aspect ratios beyond what
-        # a grid can show are clamped per grid (the reference crashes on them, spec §3.5).
-        n = cfg.connector.grid
-        sizes = [None if im is None else preprocess.clamp_aspect(_image_size(im, image_mode), n) for im in images]
+        sizes = [None if im is None else _image_size(im, image_mode) for im in images]
         lay = static_layout(cfg, [list(r) for r in ids_list], sizes, pad_id=pad_id)
-        ids, mask = lay["input_ids"], lay["attention_mask"]
-        per_row = [preprocess.image_masks(None if im is None else preprocess.to_rgb(im).size, cfg.towers, n,
-                                          image_mode)[0] for im in images]
-        tower_masks = [np.stack([row[k] for row in per_row]) for k in range(len(cfg.towers))]
+        ids, mask, tower_masks = lay["input_ids"], lay["attention_mask"], list(lay["tower_masks"])
         per_image = [None if im is None else preprocess.preprocess_towers(im, cfg.towers, image_mode) for im in images]
         pixels = [np.stack([preprocess.blank_pixels(t) if p is None else p[k] for p in per_image])
                   for k, t in enumerate(cfg.towers)]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cambrian_jax import layout
+from cambrian_jax import layout, preprocess
 from cambrian_jax.config import IMAGE_TOKEN_INDEX, CambrianConfig
 from cambrian_jax.connector import aggregate, build_connector
 from cambrian_jax.decoder import Decoder
@@ -69,8 +69,10 @@ def static_layout(cfg: CambrianConfig, input_ids: Sequence[Sequence[int]],
     """Token ids with one −200 sentinel each (or none: text-only) → the model's static-layout inputs.
 
     Each row's sentinel must sit at cfg.image_position; text-only rows get a fully masked dummy block
-    there, so their text logits equal those of the LLM alone. image_sizes are the original (W, H),
-    used for the padding masks. Rows are right-padded to a common length.
+    there, so their text logits equal those of the LLM alone. image_sizes are the (W, H) the padding
+    masks come from (preprocess.effective_size: the original under 'pad'); the masks are computed as
+    training computes them (preprocess.image_masks, aspect ratios clamped per grid). Rows are
+    right-padded to a common length.
     """
     n = cfg.connector.grid
     rows, masks = [], []
@@ -82,7 +84,8 @@ def static_layout(cfg: CambrianConfig, input_ids: Sequence[Sequence[int]],
             # Text-only: a masked dummy block at image_position (short prompts padded up to it).
             ids = np.concatenate([ids, np.full(max(0, cfg.image_position - real), pad_id, np.int32)])
             ids = np.insert(ids, cfg.image_position, IMAGE_TOKEN_INDEX)
-        out, mask, _ = layout.expand_image_block(ids, cfg.image_position, n, size if has_image else None,
+        out, mask, _ = layout.expand_image_block(ids, cfg.image_position, n,
+                                                 preprocess.clamp_aspect(size, n) if has_image else None,
                                                  has_image=has_image)
         if not has_image and real < cfg.image_position:
             mask[real:cfg.image_position] = False
@@ -93,7 +96,8 @@ def static_layout(cfg: CambrianConfig, input_ids: Sequence[Sequence[int]],
     attn = np.zeros((len(rows), length), bool)
     for i, (r, m) in enumerate(zip(rows, masks)):
         ids[i, :len(r)], attn[i, :len(m)] = r, m
-    tower_masks = [np.stack([layout.grid_mask(s, t.side) for s in image_sizes]) for t in cfg.towers]
+    per_row = [preprocess.image_masks(s, cfg.towers, n)[0] for s in image_sizes]
+    tower_masks = [np.stack([row[k] for row in per_row]) for k in range(len(cfg.towers))]
     return dict(input_ids=ids, attention_mask=attn, positions=layout.positions(attn), tower_masks=tower_masks)
 
 
