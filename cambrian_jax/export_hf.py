@@ -283,29 +283,42 @@ With the reference code (github.com/cambrian-mllm/cambrian): `load_pretrained_mo
 # ------------------------------------------------------------------------------------------ CLI
 
 def load_config_file(spec: str):
-    """`path/to/config.py[:arg]` → get_config(arg), as ml_collections' config_flags does."""
+    """`path/to/config.py[:arg]` → get_config(arg), as ml_collections' config_flags does; a missing
+    file or a bad switch is a ConfigError naming it."""
     path, _, arg = spec.partition(":")
     path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {spec}: {path} does not exist; give a configs/*.py file")
     root = os.path.dirname(os.path.dirname(path))
     if root not in sys.path:
         sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location("_export_config", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise ConfigError(f"--config {spec}: no such config file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:     # a bad switch: the config says which
+        raise ConfigError(f"--config {spec}: {e}") from None
 
 
 def run_config(workdir, config_spec: str | None):
-    if config_spec:
-        return load_config_file(config_spec)
-    saved = workdir / "config.json"
-    if saved.exists():
-        import ml_collections
-        return ml_collections.ConfigDict(json.loads(saved.read_text()))
-    raise ConfigError(f"no --config given and {saved} does not exist; pass the run's config file "
-                      "(--config configs/x.py[:arg])")
+    """The run's config: the record the trainer wrote (W/config.json), or --config, which must then
+    agree with the record where there is one."""
+    from cambrian_jax import workdir as workdir_lib
+
+    if not config_spec:
+        return workdir_lib.config(workdir)
+    config = load_config_file(config_spec)
+    record = workdir_lib.read(workdir)
+    if record is not None:
+        diff = workdir_lib.differences(record["config"], workdir_lib.plain(config))
+        if diff:
+            fields = ", ".join(f for f, _, _ in diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise ConfigError(f"--config {config_spec} is not the config of the run in {workdir} (it differs in "
+                              f"{fields}); leave --config out: the run's record {workdir}/config.json is enough")
+    return config
 
 
 def _stage_steps(workdir, stage: int) -> list[int]:
@@ -352,7 +365,12 @@ def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int |
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     folder = workdir / f"stage{stage}"
     mgr = ocp.CheckpointManager(folder if str(folder).startswith(("gs://", "s3://")) else folder.absolute())
-    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    try:
+        restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    except ValueError as e:       # orbax: the tree or a shape differs from the model's
+        raise ConfigError(f"the checkpoint {folder}/{step} does not hold the parameters of this model config "
+                          f"(orbax: {str(e).splitlines()[0][:200]}); use the run's own config (its "
+                          f"config.json in {workdir})") from None
     return restored["params"], stage, step
 
 

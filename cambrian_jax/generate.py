@@ -358,7 +358,9 @@ def load_checkpoint(path: str | os.PathLike, *, towers: Mapping[str, str] | None
     from cambrian_jax.data.tokenizer import load_tokenizer
 
     path = Path(path)
-    is_workdir = (path / "stage1").is_dir() or (path / "stage2").is_dir()
+    from cambrian_jax import workdir as workdir_lib
+
+    is_workdir = workdir_lib.is_run(path)
     if (path / "config.json").is_file() and not is_workdir:
         from cambrian_jax import pretrained
         loaded = pretrained.load_pretrained(path, towers=towers, dtype=dtype or "float32", mesh=mesh, rules=rules)
