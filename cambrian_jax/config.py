@@ -195,6 +195,10 @@ class ConnectorConfig:
                      for j in range(self.num_of_vision_sampler_layers))
 
 
+# Names of the decoder's remat policies (decoder.REMAT_POLICIES holds what each saves).
+REMAT_POLICIES = ("none", "full", "dots", "dots_all", "qkv_proj", "qkv_and_outputs")
+
+
 @dataclasses.dataclass(frozen=True)
 class CambrianConfig:
     towers: tuple[TowerConfig, ...]
@@ -293,6 +297,8 @@ def validate(cfg: CambrianConfig) -> None:
                    f"do not fit a decoder of {dec.num_layers} layers")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise _err("model.dtype", f"{cfg.dtype!r} is not one of float32, bfloat16, float16")
+    if cfg.remat not in REMAT_POLICIES:
+        raise _err("model.remat", f"{cfg.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
 
 def from_dict(d: Mapping[str, Any]) -> CambrianConfig:

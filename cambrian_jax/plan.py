@@ -17,10 +17,12 @@ the topology has chips. Per device it reports:
 against the chip's HBM (cambrian_jax/topology.py), with the analytic FLOPs of a step (cambrian_jax/
 flops.py, the trainer's MFU formula) and the step time and tokens/s they predict at an assumed MFU.
 A plan that does not fit says which part is over and which knobs (accumulation, remat policy,
-tensor/fsdp degrees, batch) would help, and exits 1 (2: a request it cannot plan, such as a config
-error or an unknown topology); --search compiles candidate settings (the
-smallest tensor degree, then the least recomputation, then the fewest accumulation steps) and prints
-the first that fits as config overrides.
+tensor/fsdp degrees, batch) would help, and exits 3 (2: a request it cannot plan, such as a config
+error or an unknown topology: one line, before anything compiles); --search compiles candidate
+settings and prints, as config overrides, the one that fits with the smallest tensor degree, then
+the least recomputation, then the fewest accumulation steps.
+
+`--workdir W` plans the run recorded in W/config.json (what `train` wrote) instead of --config.
 """
 from __future__ import annotations
 
@@ -397,9 +399,10 @@ def simulate(chips: int) -> None:
 
 
 def _usage_error(message: str) -> None:
-    """Exit status 2 for a request that cannot be planned; 1 is kept for "does not fit"."""
-    print(message, file=sys.stderr)
-    sys.exit(2)
+    """Exit status 2 for a request that cannot be planned (cli.EXIT_DOES_NOT_FIT is "does not fit")."""
+    from cambrian_jax import cli  # noqa: PLC0415
+
+    cli.fail(message)
 
 
 def define_flags() -> None:
@@ -411,33 +414,46 @@ def define_flags() -> None:
     flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation: the fraction of peak bf16 FLOP/s a step "
                        "without recomputation would reach; recomputed FLOPs take time at the same rate.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
-    flags.DEFINE_bool("search", False, "Try tensor degrees, remat policies and accumulation; print the fastest "
-                      "setting that fits.")
+    flags.DEFINE_string("workdir", None, "Plan the run recorded in WORKDIR/config.json (instead of --config).")
+    flags.DEFINE_bool("search", False, "Try tensor degrees, remat policies and accumulation; print the setting "
+                      "that fits with the smallest tensor degree, then the least recomputation, then the fewest "
+                      "accumulation steps.")
     flags.DEFINE_integer("max_compiles", 16, "--search compiles at most this many candidates.")
 
 
 def main(argv) -> None:
     del argv
-    if FLAGS.config is None or FLAGS.topology is None:
-        _usage_error("usage: python -m cambrian_jax.plan --config configs/x.py[:switches] --topology v4-512 "
-                     "[--stage 1|2] [--json] [--search] [--mfu 0.4]")
+    from cambrian_jax import cli  # noqa: PLC0415
+
+    if (FLAGS.config is None) == (FLAGS.workdir is None) or FLAGS.topology is None:
+        _usage_error("usage: python -m cambrian_jax.plan (--config configs/x.py[:switches] | --workdir W) "
+                     "--topology v4-512 [--stage 1|2] [--json] [--search] [--mfu 0.4]")
     try:
         topo = topology.parse(FLAGS.topology)
     except ValueError as e:
         _usage_error(str(e))
     if not 0 < FLAGS.mfu <= 1:
         _usage_error(f"--mfu {FLAGS.mfu}: expected a fraction in (0, 1]")
+    if FLAGS.workdir is not None:
+        from cambrian_jax import workdir as workdir_lib  # noqa: PLC0415
+        config = cli.guarded(workdir_lib.config)(FLAGS.workdir)
+        name = f"{FLAGS.workdir}/config.json"
+    else:
+        config = FLAGS.config
+        name = config_flags.get_config_filename(FLAGS["config"])
     simulate(topo.chips)
     from cambrian_jax.config import ConfigError  # noqa: PLC0415
     from cambrian_jax.trainer import TrainSetup  # noqa: PLC0415
 
-    config = FLAGS.config
-    name = config_flags.get_config_filename(FLAGS["config"])
     stages = tuple(int(s) for s in config.get("stages", (1, 2))) if FLAGS.stage == "all" else (int(FLAGS.stage),)
     log = (lambda *a: print(*a, file=sys.stderr)) if FLAGS.json else print
     try:
         setup = TrainSetup(config, simulated_mesh(config, topo), process_count=topo.hosts)
-        reports = [plan_stage(config, topo, n, mfu=FLAGS.mfu, setup=setup) for n in stages]
+        reports = []
+        for n in stages:
+            print(f"stage {n}: compiling the training step for {topo.name} on {topo.chips} simulated devices "
+                  "(minutes for a large model)…", file=sys.stderr, flush=True)
+            reports.append(plan_stage(config, topo, n, mfu=FLAGS.mfu, setup=setup))
     except ConfigError as e:
         _usage_error(f"config error: {e}")
     if not FLAGS.json:
@@ -451,7 +467,8 @@ def main(argv) -> None:
             out["search"] = None
         else:
             best = summary(list(found.values()), name, topo)
-            log(f"search: fastest setting that fits: {' '.join(cand.overrides())}")
+            log(f"search: fits with the smallest tensor degree, then the least recomputation, then the fewest "
+                f"accumulation steps: {' '.join(cand.overrides())}")
             for n, r in found.items():
                 log(f"        stage {n}: {_gib(r.per_device_bytes['total'])} per device, predicted step "
                     f"{r.predicted_step_time_s:.3g} s")
@@ -459,9 +476,11 @@ def main(argv) -> None:
                                  accum_steps={str(n): a for n, a in cand.accum.items()}, plan=best)
     if FLAGS.json:
         print(json.dumps(out, indent=2))
-    sys.exit(0 if out["fits"] or (FLAGS.search and out.get("search")) else 1)
+    sys.exit(cli.EXIT_OK if out["fits"] or (FLAGS.search and out.get("search")) else cli.EXIT_DOES_NOT_FIT)
 
 
 if __name__ == "__main__":
+    from cambrian_jax import cli as _cli
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_cli.parse_absl_flags)

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from cambrian_jax import cli
 from cambrian_jax.config import ConfigError
 
 RUN_SPEC = "run.json"          # what the run is: config file, switches, overrides
@@ -324,8 +325,7 @@ def run_one(run_dir: str, cache_dir: str | None = None) -> int:
     config = build_config(spec["config"], spec["switches"], [tuple(o) for o in spec["overrides"]])
     if cache_dir and "compilation_cache_dir" in config and not config.compilation_cache_dir:
         config.compilation_cache_dir = cache_dir
-    (d / "config.json").write_text(config.to_json(indent=2))   # generate/export_hf read it from the workdir
-    trainer = Trainer(config, d)
+    trainer = Trainer(config, d, command=dict(study=spec))   # writes d/config.json: generate/export_hf read it
     try:
         finished = trainer.run()
         if finished and not spec.get("benchmark"):
@@ -333,7 +333,7 @@ def run_one(run_dir: str, cache_dir: str | None = None) -> int:
     finally:
         trainer.close()
     if not finished:
-        return 3                      # stopped by SIGTERM after a checkpoint; re-running resumes
+        return cli.EXIT_PREEMPTED     # stopped by SIGTERM after a checkpoint; re-running resumes
     if spec.get("benchmark"):
         del trainer                   # its parameters: the evaluation restores the final checkpoint itself
         from cambrian_jax import evaluate  # noqa: PLC0415
@@ -383,7 +383,7 @@ def row(run: Run, run_dir: Path) -> dict[str, Any]:
             r[f"{task}_blind"] = v.get("accuracy_blind")
     elif attempts:
         last = attempts[-1]
-        r["status"] = f"failed (exit {last['rc']})" if last["rc"] != 3 else "stopped (SIGTERM)"
+        r["status"] = f"failed (exit {last['rc']})" if last["rc"] != cli.EXIT_PREEMPTED else "stopped (SIGTERM)"
     else:
         r["status"] = "pending"
     for s, m in sorted(_metrics_by_stage(run_dir).items()):

@@ -7,9 +7,13 @@
                                 from stage 1's final state; --stage 2 alone needs a finished stage 1)
 
 Re-running the same command resumes from the latest complete checkpoint of the current stage; a
-finished stage is not run again. SIGTERM (a TPU maintenance event) saves a checkpoint and exits 0.
-A non-finite loss stops the run (exit 1) leaving the last good checkpoint; a config error is
-reported before anything compiles (exit 2).
+finished stage is not run again. The first run writes WORKDIR/config.json (the resolved config and
+the command line); a later run with a different config refuses, naming the fields that differ.
+
+Exit codes (cambrian_jax/cli.py): 0 done; 2 bad input (config, data, workdir of another config), one
+line on stderr, checked before anything is created or compiled; 4 a non-finite loss stopped the run
+(the last good checkpoint stays); 75 preempted: SIGTERM (a TPU maintenance event) saved a checkpoint
+and the same command resumes.
 
 Several processes: on a multi-host TPU slice `jax.distributed.initialize()` finds its peers by
 itself (launch_tpu.sh runs this command on every worker); elsewhere pass --coordinator_address,
@@ -62,47 +66,45 @@ def init_distributed() -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Keep orbax's per-save INFO lines out of the training log (warnings still show)."""
+    """Keep orbax's per-save INFO lines and JAX's backend probing ("Unable to initialize backend 'tpu'"
+    on every machine without one) out of the training log (warnings still show)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        return (record.levelno >= pylogging.WARNING
+                or ("/orbax/" not in record.pathname and not record.pathname.endswith("xla_bridge.py")))
 
 
 def main(argv) -> None:
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from cambrian_jax import cli  # noqa: PLC0415  (after flag parsing: --help stays fast)
+
     if FLAGS.config is None or FLAGS.workdir is None:
-        sys.exit("usage: python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir DIR "
+        cli.fail("usage: python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir DIR "
                  "[--stage 1|2|all]")
     init_distributed()
-    from cambrian_jax.config import ConfigError  # noqa: PLC0415  (after flag parsing: --help stays fast)
+    from cambrian_jax import workdir as workdir_lib  # noqa: PLC0415
     from cambrian_jax.trainer import StageNotFinished, Trainer, TrainingStopped  # noqa: PLC0415
 
     config = FLAGS.config
-    try:
-        trainer = Trainer(config, FLAGS.workdir, log_dir=FLAGS.metrics_dir)
-    except ConfigError as e:
-        sys.stderr.write(f"config error: {e}\n")
-        sys.exit(2)
+    command = workdir_lib.command_line(sys.argv, cli.config_arg(sys.argv))
+    trainer = cli.guarded(Trainer)(config, FLAGS.workdir, log_dir=FLAGS.metrics_dir, command=command)
     stages = trainer.stages if FLAGS.stage == "all" else (int(FLAGS.stage),)
     try:
-        finished = trainer.run(stages)
-    except ConfigError as e:
-        sys.stderr.write(f"config error: {e}\n")
-        sys.exit(2)
+        finished = cli.guarded(trainer.run)(stages)
     except StageNotFinished as e:
-        sys.stderr.write(f"{e}\n")
-        sys.exit(2)
+        cli.fail(str(e))
     except TrainingStopped as e:
-        sys.stderr.write(f"{e}\n")
-        sys.exit(1)
+        cli.fail(str(e), cli.EXIT_NON_FINITE)
     finally:
         trainer.close()
     if not finished:          # SIGTERM: a checkpoint was saved; the same command resumes
-        sys.exit(0)
+        sys.exit(cli.EXIT_PREEMPTED)
     if stages[-1] == trainer.stages[-1] and config.get("eval"):
         trainer.evaluate()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from cambrian_jax import cli as _cli
+
+    app.run(main, flags_parser=_cli.parse_absl_flags)

@@ -39,6 +39,7 @@ from flax import nnx
 
 from cambrian_jax import config as config_lib
 from cambrian_jax import flops, optim, sharding
+from cambrian_jax import workdir as workdir_lib
 from cambrian_jax.config import ConfigError
 from cambrian_jax.model import Cambrian
 from cambrian_jax.train_step import make_step
@@ -155,7 +156,9 @@ class Progress:
                    f"{rec['tokens_per_sec']:.0f} tok/s {rec['step_time']:.3f} s/step "
                    f"{rec['tflops_per_device']:.2f} TFLOP/s/device MFU {100 * rec['mfu']:.1f}%")
         if self.bar is not None:
-            self.bar.set_postfix_str(summary, refresh=True)
+            # The bar keeps the few figures that fit beside it at any width; the whole line goes above it.
+            self.bar.set_postfix_str(f"loss {rec['loss']:.4f}", refresh=True)
+            self.bar.write(f"stage {self.stage} step {step}/{self.total}: {summary}")
             return
         elapsed = time.perf_counter() - self.t0
         done = step - self.start
@@ -276,12 +279,10 @@ class Trainer:
     """`Trainer(config, workdir).run()` trains config.stages (default (1, 2)) and returns True, or
     False when a SIGTERM stopped it after a checkpoint (re-running resumes)."""
 
-    def __init__(self, config, workdir, *, log_dir=None):
+    def __init__(self, config, workdir, *, log_dir=None, command=None):
         self.config = config
         self.workdir = str(workdir)
         self.remote = "://" in self.workdir
-        if not self.remote:
-            Path(self.workdir).mkdir(parents=True, exist_ok=True)
         self.log_dir = Path(log_dir or (self.workdir if not self.remote else
                                         os.path.join("logs", self.workdir.rstrip("/").rsplit("/", 1)[-1])))
         if config.get("prng_impl"):
@@ -294,6 +295,9 @@ class Trainer:
         self.graphdef, self.abstract_params = self.setup.graphdef, self.setup.abstract_params
         self.param_shardings, self.param_paths = self.setup.param_shardings, self.setup.param_paths
         self.plans = {n: self._plan(n) for n in self.stages}   # every config error before any compile
+        # Only now, with the config checked, is anything written: the run's record first (or, on a
+        # workdir that has one, the check that this config is the one that made it).
+        self.resumed = workdir_lib.check_or_write(self.workdir, config, command, write=jax.process_index() == 0)
         self.metrics = MetricsWriter(self.log_dir)
         self.preemption = Preemption()
         self._params: nnx.State | None = None      # all parameters after the last finished stage
@@ -307,9 +311,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up checks
     def _plan(self, n: int) -> StagePlan:
+        from cambrian_jax import preprocess  # noqa: PLC0415
+        from cambrian_jax.data import templates  # noqa: PLC0415
+
         plan = self.setup.plan(n)
         data = dict(self.config.get("data") or {})
         data.update(dict(plan.stage.get("data") or {}))
+        # Every enumerated field, here with the rest, rather than where it is first read (after compiling).
+        choices = {"data.source": (data.get("source", "array_record"), ("array_record", "synthetic")),
+                   "data.template": (data.get("template", "phi3"), tuple(templates.TEMPLATES)),
+                   "data.image_mode": (data.get("image_mode", "pad"), preprocess.MODES),
+                   "data.pixel_format": (data.get("pixel_format", "float32"), ("float32", "uint8")),
+                   f"stage{n}.schedule": (plan.stage.get("schedule", "cosine"), ("cosine",))}
+        for field, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"config field {field}: {value!r} is not one of {', '.join(valid)}")
         if data.get("source", "array_record") == "array_record" and not list(data.get("paths") or []):
             raise ConfigError(f"config field stage{n}.data.paths: no training data; give the prepared ArrayRecord "
                               f"folders (python -m cambrian_jax.data.prepare), e.g. with the config switch "

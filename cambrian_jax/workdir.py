@@ -110,6 +110,10 @@ def is_run(path: str | os.PathLike) -> bool:
 
 def config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The recorded config of the run in `workdir`, or a ConfigError saying how to get one."""
+    from etils import epath  # noqa: PLC0415
+
+    if not epath.Path(workdir).is_dir():
+        raise ConfigError(f"workdir {workdir} does not exist; give the --workdir of a `python -m cambrian_jax.train` run")
     rec = read(workdir)
     if rec is None:
         raise ConfigError(f"{_path(workdir)} does not exist: this is not a workdir written by "

@@ -6,7 +6,7 @@ own process: the CLI itself, or `python tests/test_plan.py SPEC` for the checks 
   micro          the micro config on v4-16 (8 devices), both stages: its exact per-device bytes are
                  XLA's argument buffers, its FLOPs the trainer's formula
   misfit         the micro config made to overflow a v5e-8 (16 GiB) with long rows: the report names
-                 the part over budget and the knobs, and exits 1
+                 the part over budget and the knobs, and exits 3 (cli.EXIT_DOES_NOT_FIT)
   34b-state      the 34B config on v4-512's 256 devices, not compiled: every trainable parameter and
                  its optimizer state sharded 256 ways, exactly
   (slow)         the shipped configs compiled for their documented topologies, both stages; --search
@@ -150,8 +150,8 @@ OVERFLOW = ("--config", "configs/cambrian_tiny.py:micro,batch=1024", "--config.m
 
 
 def test_misfit_names_the_part_and_the_knobs():
-    """Activations over budget, the state tiny: the report says so, offers the knobs, and exits 1."""
-    out = plan_json(*OVERFLOW, expect_rc=1)
+    """Activations over budget, the state tiny: the report says so, offers the knobs, and exits 3."""
+    out = plan_json(*OVERFLOW, expect_rc=3)
     b = out["per_device_bytes"]
     assert out["fits"] is False and b["total"] > out["hbm_bytes"] == 16 * 2 ** 30
     assert b["activations"] > 0.9 * b["total"]
