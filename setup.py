@@ -5,7 +5,7 @@ setup(
     name="cambrian_jax",
     version="0.1.0",
     description="Cambrian-1 (vision towers, Spatial Vision Aggregator, Llama-family decoder) in JAX/Flax NNX",
-    packages=find_packages(include=["cambrian_jax", "cambrian_jax.*"]),
+    packages=find_packages(include=["cambrian_jax", "cambrian_jax.*", "configs"]),  # configs: importable from anywhere
     python_requires=">=3.10",
     install_requires=[
         "jax==0.10.2",

@@ -32,6 +32,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
 flags.DEFINE_enum("stage", "all", ["1", "2", "all"], "Which training stage(s) to run.")
+flags.DEFINE_bool("dry_run", False, "Check the config (model, mesh, batch, stages, data fields) and the workdir's "
+                  "record, print what would run, and exit: nothing is written or compiled.")
 flags.DEFINE_string("metrics_dir", None, "metrics.jsonl and tensorboard/ (default: the workdir, or ./logs/NAME "
                     "when the workdir is on gs://).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
@@ -65,6 +67,24 @@ def init_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
+def dry_run(config, workdir: str) -> None:
+    """What `train` would do, checked as it checks before compiling; writes nothing."""
+    from cambrian_jax import sharding  # noqa: PLC0415
+    from cambrian_jax import workdir as workdir_lib  # noqa: PLC0415
+    from cambrian_jax.trainer import TrainSetup, check_stage  # noqa: PLC0415
+
+    setup = TrainSetup(config, sharding.make_mesh(dict(config.mesh)))
+    stages = setup.stages if FLAGS.stage == "all" else (int(FLAGS.stage),)
+    plans = [check_stage(setup, n) for n in stages]
+    resumed = workdir_lib.check_or_write(workdir, config, write=False)
+    print(f"config OK: stages {list(stages)} on mesh {dict(setup.mesh.shape)}; workdir {workdir} "
+          f"{'holds this run (it would resume)' if resumed else 'is new'}")
+    for p in plans:
+        steps = int(p.stage.get("num_steps") or 0) or f"{p.stage.epochs} epoch(s)"
+        print(f"  stage {p.n}: {steps} steps × {int(p.stage.global_batch_size)} rows, trains "
+              f"{len(p.trainable_paths)} parameter arrays in groups {p.groups}")
+
+
 class _QuietLibraries(pylogging.Filter):
     """Keep orbax's per-save INFO lines and JAX's backend probing ("Unable to initialize backend 'tpu'"
     on every machine without one) out of the training log (warnings still show)."""
@@ -88,6 +108,9 @@ def main(argv) -> None:
 
     config = FLAGS.config
     command = workdir_lib.command_line(sys.argv, cli.config_arg(sys.argv))
+    if FLAGS.dry_run:
+        cli.guarded(dry_run)(config, FLAGS.workdir)
+        return
     trainer = cli.guarded(Trainer)(config, FLAGS.workdir, log_dir=FLAGS.metrics_dir, command=command)
     stages = trainer.stages if FLAGS.stage == "all" else (int(FLAGS.stage),)
     try:
