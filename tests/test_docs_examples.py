@@ -1,0 +1,204 @@
+"""Every example the README and docs/ present as something to run is run here, as a new user would.
+
+A fenced block's info string says what it is:
+
+  ```sh        commands, run from the root of a fresh copy of the repository (the tracked files only),
+               in order within the file; `\\` continues a line, `#` starts a comment
+  ```console   the same with `$ ` before each command and, below it, the output it prints, which must
+               appear in what the command prints when the run is the real main job (see below)
+  ```python    a snippet, run in a fresh process from a directory outside the repository
+  ```sh skip: <why>   (or console/python) shown, not run here, for the reason given (a TPU pod, released
+               weights, an interactive chat, the test suite itself)
+  ```text / json / anything else   not code: outputs, file layouts, synopses with placeholders
+
+Commands and snippets that are not fenced cannot hide from this: a README line indented as code that
+starts a command (`python -m`, `$ `, `./`) fails the layout test.
+
+`/tmp/cambrian_tiny` in an example is the README main job's workdir. With CAMBRIAN_MAIN_JOB set to the
+workdir of that job run as written (CI does so), examples run against it and shown outputs are
+compared; otherwise a shortened run of the same config stands in (2 + 2 steps) and only the exit codes
+are checked. Training commands (`cambrian_jax.train`, `cambrian_jax.study`) and `launch_tpu.sh` run
+with their dry-run flags: every check they make before training, none of the training, which the main
+job itself covers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))]
+MAIN_WORKDIR = "/tmp/cambrian_tiny"
+RUN = ("sh", "console", "python")
+DRY = {"cambrian_jax.train": "--dry_run", "cambrian_jax.study": "--dry-run", "launch_tpu.sh": "--dry-run"}
+
+
+def blocks(path: Path) -> list[dict]:
+    """Fenced blocks of a Markdown file: lang, flags (the rest of the info string), text, line."""
+    out, lines, i = [], path.read_text().splitlines(), 0
+    while i < len(lines):
+        m = re.match(r"^```(\S*)\s*(.*)$", lines[i])
+        if m:
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append(dict(lang=m.group(1), flags=m.group(2), text="\n".join(lines[i + 1:j]), line=i + 1,
+                            file=path.relative_to(REPO).as_posix()))
+            i = j
+        i += 1
+    return out
+
+
+def examples() -> list[dict]:
+    return [b for p in DOCS for b in blocks(p) if b["lang"] in RUN and not b["flags"].startswith("skip")]
+
+
+def _id(b: dict) -> str:
+    return f"{b['file']}:{b['line']}"
+
+
+def commands(block: dict) -> list[tuple[str, str]]:
+    """(command, expected output) pairs: console blocks keep the output below each `$ ` line."""
+    pairs: list[list[str]] = []
+    lines = block["text"].splitlines()
+    k = 0
+    while k < len(lines):
+        line = lines[k]
+        if block["lang"] == "console" and not line.startswith("$ "):
+            if pairs:
+                pairs[-1][1] += line + "\n"
+            k += 1
+            continue
+        cmd = line[2:] if block["lang"] == "console" else line
+        while cmd.rstrip().endswith("\\") and k + 1 < len(lines):
+            k += 1
+            cmd = cmd.rstrip()[:-1] + " " + lines[k].strip()
+        heredoc = re.search(r"<<\s*'?(\w+)'?\s*$", cmd)
+        if heredoc:                          # cat > file <<'EOF' … EOF: the body belongs to the command
+            end = heredoc.group(1)
+            body = []
+            while k + 1 < len(lines) and lines[k + 1].strip() != end:
+                k += 1
+                body.append(lines[k])
+            k += 1
+            cmd = cmd + "\n" + "\n".join(body) + "\n" + end
+        k += 1
+        if cmd.strip() and not cmd.lstrip().startswith("#"):
+            pairs.append([cmd, ""])
+    return [(c, o) for c, o in pairs]
+
+
+def dry(cmd: str) -> str:
+    for marker, flag in DRY.items():
+        if marker in cmd.split("\n")[0] and flag not in cmd:
+            head, sep, rest = cmd.partition("#")           # before a trailing comment
+            return head.rstrip() + f" {flag}" + (f"  {sep}{rest}" if sep else "")
+    return cmd
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+def test_every_example_is_fenced_and_labelled():
+    """No command hides in an indented block; every runnable-looking fence has a label this file knows."""
+    problems = []
+    for path in DOCS:
+        fenced = False
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                fenced = not fenced
+                if fenced and line.strip() == "```":
+                    problems.append(f"{path.name}:{n}: a fence without a label (sh, console, python, text, json…)")
+                continue
+            if not fenced and re.match(r"^ {4,}(\$ |python3? -m |\./|\.venv/bin/)", line):
+                problems.append(f"{path.name}:{n}: a command in an indented block: fence it (```sh)")
+    for b in (b for p in DOCS for b in blocks(p)):
+        if b["flags"].startswith("skip") and not re.match(r"skip: \S", b["flags"]):
+            problems.append(f"{_id(b)}: `skip` needs a reason (```sh skip: needs a TPU pod)")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_starts_with_the_two_commands():
+    """.ci/run runs these two lines (the main job and the tests) exactly as the README gives them."""
+    first = [c for b in blocks(REPO / "README.md")[:2] for c, _ in commands(b)]
+    assert len(first) == 2 and all(c.startswith("python3 -m venv .venv") for c in first), first
+    assert "cambrian_jax.train --config configs/cambrian_tiny.py --workdir /tmp/cambrian_tiny" in first[0]
+    assert "pytest -q tests" in first[1]
+    assert "readme_commands" in (REPO / ".ci" / "run").read_text()
+
+
+# ------------------------------------------------------------------------------------------ running
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory) -> tuple[str, bool]:
+    """(workdir, real): the README main job's workdir, or a shortened run of the same config."""
+    given = os.environ.get("CAMBRIAN_MAIN_JOB")
+    if given:
+        assert (Path(given) / "eval_results.json").exists(), f"CAMBRIAN_MAIN_JOB={given} holds no finished main job"
+        return given, True
+    wd = tmp_path_factory.mktemp("main_job") / "cambrian_tiny"
+    p = subprocess.run([sys.executable, "-m", "cambrian_jax.train", "--config",
+                        "configs/cambrian_tiny.py:steps1=2,steps2=2,eval_samples=8", "--workdir", str(wd)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return str(wd), False
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory) -> Path:
+    """The tracked files of the repository, as a fresh clone has them."""
+    dest = tmp_path_factory.mktemp("clone") / "cambrian_jax"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    return dest
+
+
+def _env() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])   # `python` = ours
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _shown_in(expected: str, got: str) -> bool:
+    """Every non-empty line shown appears in the output, in order (whitespace runs compared as one)."""
+    norm = [" ".join(line.split()) for line in got.splitlines()]
+    pos = 0
+    for line in (" ".join(x.split()) for x in expected.splitlines() if x.strip()):
+        while pos < len(norm) and norm[pos] != line:
+            pos += 1
+        if pos == len(norm):
+            return False
+        pos += 1
+    return True
+
+
+@pytest.mark.parametrize("block", examples(), ids=_id)
+def test_example_runs(block, main_job, fresh_copy, tmp_path):
+    workdir, real = main_job
+    if block["lang"] == "python":
+        script = tmp_path / "example.py"
+        script.write_text(block["text"].replace(MAIN_WORKDIR, workdir))
+        p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, f"{_id(block)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+        return
+    for cmd, expected in commands(block):
+        if cmd.startswith("python3 -m venv"):
+            continue                      # the two README commands: .ci/run runs them as written
+        run = dry(cmd.replace(MAIN_WORKDIR, workdir))
+        p = subprocess.run(["bash", "-c", "set -eo pipefail\n" + run], cwd=fresh_copy, env=_env(),
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, f"{_id(block)}: {run}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+        if expected and real:
+            got = p.stdout + p.stderr
+            assert _shown_in(expected, got), f"{_id(block)}: {cmd}\nshown:\n{expected}\nprinted:\n{got[-3000:]}"
