@@ -158,7 +158,7 @@ class Progress:
         if self.bar is not None:
             # The bar keeps the few figures that fit beside it at any width; the whole line goes above it.
             self.bar.set_postfix_str(f"loss {rec['loss']:.4f}", refresh=True)
-            self.bar.write(f"stage {self.stage} step {step}/{self.total}: {summary}")
+            self.bar.write(f"stage {self.stage} step {step}/{self.total}: {summary}", file=sys.stderr)
             return
         elapsed = time.perf_counter() - self.t0
         done = step - self.start

@@ -126,3 +126,49 @@ def test_sigterm_exits_75_with_a_checkpoint_and_the_record(tmp_path):
     assert record["command"]["switches"] == "micro,steps1=400,batch=8"
     assert "--config.stages=(1,)" in record["command"]["overrides"]
     assert any(d.isdigit() for d in os.listdir(wd / "stage1"))
+
+
+def test_plan_reads_the_record_and_says_it_is_compiling(tmp_path):
+    workdir.check_or_write(tmp_path, cambrian_tiny.get_config("micro,batch=8"))
+    p = run("cambrian_jax.plan", "--workdir", str(tmp_path), "--topology", "v4-8", "--stage", "1", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stage 1: compiling the training step for v4-8 on 4 simulated devices" in p.stderr
+    out = json.loads(p.stdout)
+    assert out["config"] == f"{tmp_path}/config.json" and out["fits"] and out["global_batch"] == 8
+
+
+def test_plan_help_says_what_search_prefers():
+    p = run("cambrian_jax.plan", "--helpshort")
+    text = " ".join(p.stdout.split())
+    assert "smallest tensor degree, then the least recomputation" in text and "fastest" not in text
+
+
+def test_progress_bar_postfix_fits_and_the_whole_line_is_printed(monkeypatch, capsys):
+    from cambrian_jax import trainer
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = trainer.Progress(2, 0, 450)
+    assert progress.bar is not None
+    rec = dict(loss=1.23456, grad_norm=0.5, lr={"towers": 2e-3, "rest": 2e-3}, tokens_per_sec=1234.0, step_time=0.5,
+               tflops_per_device=0.01, mfu=0.001)
+    progress.step()
+    progress.log(1, rec)
+    assert len(progress.bar.postfix) <= 20, progress.bar.postfix
+    progress.close()
+    err = capsys.readouterr().err
+    assert "stage 2 step 1/450: loss 1.2346 grad_norm 0.500 lr towers=2.00e-03 rest=2.00e-03" in err
+
+
+def test_the_backend_probe_is_kept_out_of_the_log():
+    import logging
+
+    from cambrian_jax import train
+
+    quiet = train._QuietLibraries()
+
+    def record(path, level=logging.INFO, msg="x"):
+        return logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+    assert not quiet.filter(record("/site-packages/jax/_src/xla_bridge.py", msg="Unable to initialize backend 'tpu'"))
+    assert quiet.filter(record("/site-packages/jax/_src/xla_bridge.py", level=logging.WARNING))
+    assert quiet.filter(record("/work/cambrian_jax/trainer.py"))
