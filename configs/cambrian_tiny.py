@@ -11,9 +11,19 @@ Switches: steps1, steps2, batch, eval_samples, workers, tasks2 (stage 2's task m
 weigh), lr2; micro (the trainer tests' one-tower model); towers (any '+'-joined subset and order of
 siglip, clip, dino, convnext); connector (sva | mlp2x_gelu | concat | interleave | resampler);
 one_stage, connector_only, unfreeze_towers, towers_lr (configs/common.py stage_options).
+
+Your own data instead of the synthetic shapes: data1, data2 = prepared ArrayRecord folders
+(`python -m cambrian_jax.data.prepare`, ';'-separated) of stage 1 and stage 2, as the released configs'
+switches; with one_stage only data2. The text is tokenised with the synthetic dataset's byte-level
+tokenizer (any text; built under WORKDIR/tokenizer), or with tokenizer=DIR, a tokenizer.json of at most
+576 tokens (the tiny vocabulary). No held-out synthetic evaluation then; model.max_len (96) truncates
+longer samples (--config.model.max_len=512 is the decoder's limit):
+
+  python -m cambrian_jax.train --config configs/cambrian_tiny.py:data2=/data/mine,one_stage --workdir /tmp/mine
 """
 import ml_collections
 
+from cambrian_jax.config import ConfigError
 from cambrian_jax.data import pipeline
 from configs import common
 
@@ -40,10 +50,10 @@ def tower_set(model: ml_collections.ConfigDict, spec: str) -> None:
     names = []
     for short in spec.split("+"):
         if short not in SHORT_NAMES:
-            raise ValueError(f"towers={spec!r}: {short!r} is not one of {'+'.join(SHORT_NAMES)}")
+            raise ConfigError(f"config switch towers={spec!r}: {short!r} is not one of {'+'.join(SHORT_NAMES)}")
         names.append(SHORT_NAMES[short])
     if len(set(names)) != len(names):
-        raise ValueError(f"towers={spec!r}: each tower at most once")
+        raise ConfigError(f"config switch towers={spec!r}: each tower at most once")
     model.towers = names
     model.tower_token_lens = [TINY_TOKEN_LENS[n] for n in names]
     model.tower_overrides = {n: TINY_TOWERS[n] for n in names}
@@ -89,7 +99,7 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, steps1=30, steps2=450, batch=32, eval_samples=240, workers=0, micro=False,
                            one_stage=False, connector_only=False, unfreeze_towers="", towers_lr=1e-3,
                            tasks2="depth+depth+depth+relation+count", lr2=2e-3,
-                           towers="siglip+clip+dino+convnext", connector="sva")
+                           towers="siglip+clip+dino+convnext", connector="sva", data1="", data2="", tokenizer="")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = micro_model() if arg.micro else tiny_model()
@@ -127,5 +137,21 @@ def get_config(arg=None):
     if arg.micro:
         config.eval = None
         config.data.synthetic.num_samples = 256
+    if arg.data1 or arg.data2:
+        prepared_data(config, arg.data1, arg.data2)
+    if arg.tokenizer:
+        config.data.tokenizer_dir = arg.tokenizer
     common.stage_options(config, arg)
     return config
+
+
+def prepared_data(config, data1: str, data2: str) -> None:
+    """`data1=`, `data2=`: train on prepare output (ArrayRecord folders, ';'-separated) instead of the
+    synthetic shapes, tokenised with the synthetic byte-level tokenizer unless tokenizer= gives one."""
+    config.data.source = "array_record"
+    config.data.synthetic_tokenizer = True
+    config.data.cache_rows = False      # a prepared set may be large: rows are recomputed each epoch
+    config.stage1.data = ml_collections.ConfigDict(dict(paths=common.prepared_paths(data1)))
+    config.stage2.data = ml_collections.ConfigDict(dict(paths=common.prepared_paths(data2)))
+    config.eval = None                  # the held-out evaluation is the synthetic tasks'
+

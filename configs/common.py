@@ -70,19 +70,37 @@ def released_model(size: str) -> ml_collections.ConfigDict:
     ))
 
 
+_TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def parse_arg(arg: str | None, **defaults):
-    """big_vision-style `--config configs/x.py:key=value,flag` switches, typed from the defaults."""
+    """big_vision-style `--config configs/x.py:key=value,flag` switches, typed from the defaults.
+    A switch that is not one of `defaults`, or a value of the wrong type, is a ConfigError naming it."""
+    from cambrian_jax.config import ConfigError  # noqa: PLC0415
+
     out = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"unknown config switch {key!r}; known: {sorted(defaults)}")
+            raise ConfigError(f"unknown config switch {key!r}; known: {', '.join(sorted(defaults))}")
         kind = type(defaults[key])
         if kind is bool:
-            out[key] = value.lower() in ("", "1", "true", "yes")
+            if value.lower() not in _TRUE + _FALSE:
+                raise ConfigError(f"config switch {key}={value!r}: give {key} alone (on), or {key}=1 / {key}=0")
+            out[key] = value.lower() in _TRUE
         else:
-            out[key] = kind(value)
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ConfigError(f"config switch {key}={value!r}: not a{'n' if kind is int else ''} "
+                                  f"{kind.__name__} (default {defaults[key]!r})") from None
     return ml_collections.ConfigDict(out)
+
+
+def prepared_paths(value: str) -> list[str]:
+    """The `data1=` / `data2=` switches: prepared ArrayRecord folders (python -m cambrian_jax.data.prepare),
+    files or globs, ';'-separated."""
+    return [p.strip() for p in (value or "").split(";") if p.strip()]
 
 
 # Logical axis → mesh axes, in priority order (cambrian_jax/sharding.py DEFAULT_RULES lists and
@@ -161,7 +179,9 @@ def stage_options(config, arg) -> None:
         config.model.connector.connector_only = True
     for n in str(arg.unfreeze_towers or ""):
         if n not in "12":
-            raise ValueError(f"unfreeze_towers={arg.unfreeze_towers!r}: give the stages, e.g. 2 or 12")
+            from cambrian_jax.config import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(f"config switch unfreeze_towers={arg.unfreeze_towers!r}: give the stages, e.g. 2 or 12")
         s = config[f"stage{n}"]
         if TOWERS not in s.trainable:
             s.trainable = list(s.trainable) + [TOWERS]
@@ -206,9 +226,8 @@ def training_config(size: str, arg, *, global_batch: int, stage1_lr: tuple[float
     s1.warmup_ratio, s2.warmup_ratio = warmup
     s1.save_interval_steps, s2.save_interval_steps = save_every
     s1.num_steps, s2.num_steps = arg.steps1, arg.steps2
-    s1.data = ml_collections.ConfigDict(dict(paths=[p for p in arg.data1.split(";") if p]))
-    s2.data = ml_collections.ConfigDict(dict(paths=[p for p in arg.data2.split(";") if p],
-                                             group_by_modality=True))
+    s1.data = ml_collections.ConfigDict(dict(paths=prepared_paths(arg.data1)))
+    s2.data = ml_collections.ConfigDict(dict(paths=prepared_paths(arg.data2), group_by_modality=True))
     config.stage1, config.stage2 = s1, s2
     config.stages = (1, 2)
     config.init = init(llm=arg.llm, adapter=arg.adapter,

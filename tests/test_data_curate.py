@@ -81,3 +81,17 @@ def test_cli_defaults_to_cambrian_7m_ratios(inputs, tmp_path):
     norm = sum(target.values())
     for c in pct:
         assert pct[c] == pytest.approx(100 * target[c] / norm, abs=0.5)
+
+
+def test_skipped_lines_are_counted_and_reported_with_file_and_line(inputs, tmp_path, capsys):
+    files, cats = inputs
+    with open(files[1], "a") as f:
+        f.write('["not", "a", "sample"]\n')
+    report = C.curate(files, str(tmp_path / "o.jsonl"), cats, cap=50, verbose=True)
+    assert (report["malformed_json"], report["not_an_object"]) == (1, 1)
+    n1 = len(open(files[0]).readlines())
+    n2 = len(open(files[1]).readlines())
+    assert report["skipped_examples"] == {"malformed_json": [f"a.jsonl:{n1}"], "not_an_object": [f"b.jsonl:{n2}"]}
+    err = capsys.readouterr().err
+    assert f"malformed json (e.g. a.jsonl:{n1})" in err and f"not an object (e.g. b.jsonl:{n2})" in err
+    assert sum(1 for _ in open(tmp_path / "o.jsonl")) == report["kept"]

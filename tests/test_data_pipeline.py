@@ -258,3 +258,87 @@ def test_stage_dataset_for_the_trainer(env, tmp_path):
     assert b["input_ids"].shape == (4, 128)
     text = env["tok"].decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX])
     assert text.endswith("background.")                              # stage 1: captions
+
+
+# ------------------------------------------------------------- the configs' data switches on prepare output
+
+def _tiny(switches):
+    from cambrian_jax.config import from_dict
+    from configs import cambrian_tiny
+    c = cambrian_tiny.get_config(switches)
+    return c, from_dict(c.model)
+
+
+def test_tiny_config_trains_on_prepare_output(env, tmp_path):
+    """`configs/cambrian_tiny.py:data1=…,data2=…`: the stage datasets read the prepared folders, tokenised
+    with the synthetic byte-level tokenizer built under the workdir (it fits the tiny vocabulary)."""
+    c, cfg = _tiny(f"data1={env['shards']},data2={env['shards']};{env['shards']},batch=4")
+    assert tuple(c.stages) == (1, 2) and c.eval is None
+    for n in (1, 2):
+        P.check_stage_data(c, n, cfg)
+    it, n = P.stage_dataset(c, c.stage2, cfg, tmp_path, 0, 1)
+    assert n == 2 * len(env["samples"])                                 # two folders, ';'-separated
+    from cambrian_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
+    assert len(tok) <= cfg.decoder.vocab_size
+    b = next(it)
+    assert b["input_ids"].shape == (4, cfg.max_len) and b["input_ids"].max() < cfg.decoder.vocab_size
+    texts = {s["conversations"][-1]["value"] for s in env["samples"]}
+    for row in range(4):
+        labels = b["labels"][row]
+        assert tok.decode(labels[labels != IGNORE_INDEX]).strip() in texts
+    it1, _ = P.stage_dataset(c, c.stage1, cfg, tmp_path, 0, 1)
+    assert next(it1)["input_ids"].shape == (4, cfg.max_len)
+    assert it.stats["ok"] == 4
+
+
+def test_data_switches_refuse_what_cannot_be_trained_on(env, tmp_path):
+    from cambrian_jax.config import ConfigError
+    from cambrian_jax.data.tokenizer import build_tokenizer
+    from configs import cambrian_8b
+
+    c, cfg = _tiny(f"data2={tmp_path}/nope,one_stage")
+    with pytest.raises(ConfigError, match=rf"stage2\.data\.paths: {tmp_path}/nope does not exist; .*prepare "
+                                          r"\(the config switch data2=…\)"):
+        P.check_stage_data(c, 2, cfg)
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("{}\n")
+    c, cfg = _tiny(f"data2={jsonl},one_stage")
+    with pytest.raises(ConfigError, match=r"stage2\.data\.paths: .*mine\.jsonl is a JSON file, not prepared data"):
+        P.check_stage_data(c, 2, cfg)
+    # An interrupted prepare run.
+    import shutil
+    half = tmp_path / "half"
+    shutil.copytree(env["shards"], half)
+    next(half.glob("*.done.json")).unlink()
+    c, cfg = _tiny(f"data2={half},one_stage")
+    with pytest.raises(ConfigError, match=r"holds 1 of the 2 shards .* re-run python -m cambrian_jax\.data\.prepare"):
+        P.check_stage_data(c, 2, cfg)
+    # tokenizer=: missing, or more tokens than the tiny vocabulary.
+    c, cfg = _tiny(f"data2={env['shards']},one_stage,tokenizer={tmp_path}/no_tok")
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_dir: .*no_tok does not exist.*tokenizer=DIR"):
+        P.check_stage_data(c, 2, cfg)
+    big = build_tokenizer(str(tmp_path / "big"), [" ".join(f"word{i}" for i in range(800))], "phi3")
+    assert len(big) > 576
+    c, cfg = _tiny(f"data2={env['shards']},one_stage,tokenizer={tmp_path}/big")
+    with pytest.raises(ConfigError, match=rf"has {len(big)} tokens, more than model\.decoder\.vocab_size = 576; "
+                                          r".*leave tokenizer= out"):
+        P.check_stage_data(c, 2, cfg)
+    c, cfg = _tiny(f"data2={env['shards']},one_stage,tokenizer={env['tokdir']}")
+    P.check_stage_data(c, 2, cfg)                                  # the synthetic tokenizer, given explicitly
+    # The released configs' data1/data2 and tokenizer switches, the same way.
+    from cambrian_jax.config import from_dict
+    c = cambrian_8b.get_config(f"data1={tmp_path}/align,data2={env['shards']}")
+    cfg8 = from_dict(c.model)
+    with pytest.raises(ConfigError, match=rf"stage1\.data\.paths: {tmp_path}/align does not exist.*data1="):
+        P.check_stage_data(c, 1, cfg8)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_dir: no tokenizer given.*tokenizer=DIR"):
+        P.check_stage_data(c, 2, cfg8)
+    llama = S.build_tiny_tokenizer(str(tmp_path / "llama"), "llama_3")
+    c = cambrian_8b.get_config(f"data2={env['shards']},tokenizer={tmp_path}/llama")
+    found = T.image_position("llama_3", llama)
+    with pytest.raises(ConfigError, match=rf"model\.image_position: .* token {found}, but model\.image_position is "
+                                          rf"91; set --config\.model\.image_position={found}"):
+        P.check_stage_data(c, 2, cfg8)
+    c.model.image_position = found
+    P.check_stage_data(c, 2, from_dict(c.model))

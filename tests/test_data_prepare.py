@@ -204,3 +204,24 @@ def test_path_escapes_refused(tmp_path):
         with pytest.raises(Skip) as e:
             prep.resolve_image(bad, os.path.realpath(root))
         assert e.value.reason == "image_path_escapes_root", bad
+
+
+def test_refused_image_examples_name_the_record_and_its_image(tmp_path):
+    """The summary's example says which record and which image file: never PIL's in-memory buffer."""
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "corrupt.jpg").write_bytes(b"this is not an image at all")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    rows = [{"id": "c1", "image": "corrupt.jpg", "conversations": _conv()},
+            {"id": "t1", "image": "truncated.jpg", "conversations": _conv()},
+            {"id": "m1", "image": "nope.jpg", "conversations": _conv()}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = prep.prepare([str(tmp_path / "d.jsonl")], str(root), str(tmp_path / "out"), workers=0, verbose=False)
+    ex = summary["examples"]
+    assert ex["unreadable_image"] == ["d.jsonl:1: id 'c1', image 'corrupt.jpg': not an image PIL can identify "
+                                      "(corrupt, or not an image file)"]
+    assert ex["truncated_image"][0].startswith("d.jsonl:2: id 't1', image 'truncated.jpg': ")
+    assert ex["missing_image"] == ["d.jsonl:3: id 'm1', image 'nope.jpg': no such file under --image-root"]
+    assert "BytesIO" not in json.dumps(summary) and "0x" not in json.dumps(summary)

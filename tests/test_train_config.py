@@ -85,10 +85,66 @@ def test_switches_reshape_the_recipe():
         cambrian_8b.get_config("bacth=4")
 
 
+@pytest.mark.parametrize("switches, message", [
+    ("bacth=4", "unknown config switch 'bacth'; known: accum, adapter, batch"),
+    ("batch=abc", "config switch batch='abc': not an int"),
+    ("one_stage=maybe", "config switch one_stage='maybe': give one_stage alone"),
+])
+def test_switch_mistakes_are_config_errors(switches, message):
+    for module in (cambrian_8b, cambrian_tiny):
+        if module is cambrian_tiny and "accum" in message:
+            message = message.replace("accum, adapter, batch", "batch, connector")
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            module.get_config(switches)
+    with pytest.raises(ConfigError, match="config switch towers='clip\\+vit'"):
+        cambrian_tiny.get_config("towers=clip+vit")
+
+
+def test_tiny_data_switches_point_the_stages_at_prepared_folders():
+    """The tiny config's data1/data2 (';'-separated, as the released configs') and tokenizer switches;
+    --config.data.paths=[…] is a list, which config_flags cannot override."""
+    c = cambrian_tiny.get_config("data1=/p/align,data2=/p/a; /p/b,one_stage")
+    assert c.data.source == "array_record" and c.data.synthetic_tokenizer and not c.data.tokenizer_dir
+    assert c.stage1.data.paths == ["/p/align"] and c.stage2.data.paths == ["/p/a", "/p/b"]
+    assert tuple(c.stages) == (2,) and c.eval is None and not c.data.cache_rows
+    c = cambrian_tiny.get_config("data2=/p/a,tokenizer=/tok")
+    assert c.data.tokenizer_dir == "/tok"
+    c = cambrian_tiny.get_config("")
+    assert c.data.source == "synthetic" and c.eval is not None         # the default is unchanged
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared folder of one text-only record, and a folder of synthetic tokenizers per template:
+    what the released configs' data1/data2 and tokenizer switches need to pass the data checks."""
+    import json
+
+    from cambrian_jax.data import prepare, synthetic
+    base = tmp_path_factory.mktemp("released_data")
+    (base / "d.jsonl").write_text(json.dumps({"id": "t", "conversations": [
+        {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}) + "\n")
+    (base / "images").mkdir()
+    prepare.prepare([str(base / "d.jsonl")], str(base / "images"), str(base / "out"), workers=0, verbose=False)
+    for template in ("llama_3", "chatml_direct"):
+        synthetic.build_tiny_tokenizer(str(base / template), template)
+    return base
+
+
+def _released(size, prepared):
+    """The released config on real (tiny) prepared data, with a tokenizer of its template; the model's
+    image_position follows the stand-in tokenizer (it does not change the parameter tree)."""
+    from cambrian_jax.data import templates
+    from cambrian_jax.data.tokenizer import load_tokenizer
+    template = common.RELEASED[size]["template"]
+    c = RELEASED[size][0].get_config(f"data1={prepared}/out,data2={prepared}/out,tokenizer={prepared}/{template}")
+    c.model.image_position = templates.image_position(template, load_tokenizer(str(prepared / template)))
+    return c
+
+
 @pytest.mark.parametrize("size", ["8b", "34b"])
-def test_released_stages_train_what_the_spec_says(size, tmp_path):
+def test_released_stages_train_what_the_spec_says(size, tmp_path, prepared):
     """On the real parameter tree: stage 1 = the whole connector (in-LLM aggregators included)."""
-    t = trainer(RELEASED[size][0].get_config(DATA), tmp_path)
+    t = trainer(_released(size, prepared), tmp_path)
     p1, p2 = t.plans[1], t.plans[2]
     connector = [p for p in t.param_paths if p.startswith("connector/")]
     assert p1.trainable_paths == connector
@@ -187,7 +243,7 @@ def test_cli_reports_a_config_error_and_exits_2(tmp_path):
                         "--config.mesh.fsdp=3", f"--workdir={tmp_path}"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "config error: config field mesh" in p.stderr
+    assert p.stderr.startswith("error: config field mesh") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr
 
 

@@ -64,6 +64,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.source = "array_record"        # "array_record" (paths) or "synthetic" (generated in memory)
     c.paths = []                     # prepare output folders, shard files or globs (in this order)
     c.tokenizer_dir = ""             # folder with tokenizer.json (make_dataset's tokenizer_dir wins)
+    c.synthetic_tokenizer = False    # no tokenizer_dir: stage_dataset builds the synthetic dataset's byte-level
+                                     # tokenizer (any text) under workdir/tokenizer; source "synthetic" always does
     c.template = "phi3"              # llama_3 | vicuna_v1 | chatml_direct | phi3
     c.seed = 0
     c.global_batch_size = 8          # rows per step over all processes; a multiple of process_count
@@ -359,34 +361,70 @@ class DataIterator(grain.DatasetIterator):
 
 # ----------------------------------------------------------------------------------------- sources
 
-def shard_paths(paths: Iterable[str]) -> list[str]:
-    """ArrayRecord files of prepare output folders, files or globs; refuses unfinished prepare shards."""
+_PREPARE = "python -m cambrian_jax.data.prepare"
+
+
+def shard_paths(paths: Iterable[str], field: str = "data.paths", switch: str = "") -> list[str]:
+    """ArrayRecord files of prepare output folders, files or globs; refuses unfinished prepare shards.
+
+    A path that cannot be used is a ConfigError naming `field` (and the config `switch` that sets it,
+    e.g. "data2="), the path, and what to do. Remote (gs://…) paths are passed through unchecked."""
     out: list[str] = []
+    via = f" (the config switch {switch}…)" if switch else ""
+    give = f"give a folder written by {_PREPARE}{via}"
     for p in paths:
+        p = os.fspath(p)
+        if "://" in p:
+            out.append(p)
+            continue
         if os.path.isdir(p):
             files = sorted(glob.glob(os.path.join(p, "*.array_record")))
-            if os.path.exists(os.path.join(p, "prepare.json")):
-                with open(os.path.join(p, "prepare.json")) as f:
-                    expected = json.load(f)["num_shards"]
+            run_file = os.path.join(p, "prepare.json")
+            if os.path.exists(run_file):
+                try:
+                    with open(run_file) as f:
+                        expected = int(json.load(f)["num_shards"])
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise ConfigError(f"config field {field}: {run_file} is not a prepare record "
+                                      f"({type(e).__name__}: {e}); re-run {_PREPARE} into a fresh --out") from None
                 done = [f for f in files if os.path.exists(f[:-len(".array_record")] + ".done.json")]
                 if len(done) != expected:
-                    raise ValueError(f"{p!r}: prepare finished {len(done)} of {expected} shards; re-run prepare "
-                                     "with the same arguments to resume")
+                    raise ConfigError(f"config field {field}: {p} holds {len(done)} of the {expected} shards prepare "
+                                      f"was asked for (an interrupted run); re-run {_PREPARE} with the same "
+                                      "arguments to finish it")
+            summary = os.path.join(p, "summary.json")
+            if files and os.path.exists(summary):
+                try:
+                    with open(summary) as f:
+                        written = json.load(f).get("written")
+                except (OSError, ValueError, AttributeError):
+                    written = None
+                if written == 0:
+                    raise ConfigError(f"config field {field}: {p} holds no records (prepare skipped every sample; "
+                                      f"its summary.json says why); fix the inputs and re-run {_PREPARE}")
+        elif any(c in p for c in "*?["):
+            files = sorted(glob.glob(p))
+        elif os.path.isfile(p):
+            if p.endswith((".jsonl", ".json")):
+                raise ConfigError(f"config field {field}: {p} is a JSON file, not prepared data; convert it with "
+                                  f"{_PREPARE} --jsonl {p} --image-root DIR --out OUT and give OUT{via}")
+            files = [p]
         else:
-            files = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+            raise ConfigError(f"config field {field}: {p} does not exist; {give}")
         if not files:
-            raise FileNotFoundError(f"data.paths entry {p!r} holds no .array_record files")
+            raise ConfigError(f"config field {field}: {p} holds no .array_record files; {give}")
         out += files
     return out
 
 
-def shard_meta(files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def shard_meta(files: Sequence[str], field: str = "data.group_by_modality") -> tuple[np.ndarray, np.ndarray]:
     """(has_image, word length) per record, from prepare's .meta.npz files (for group_by_modality)."""
     has_image, lengths = [], []
     for f in files:
         meta = f[:-len(".array_record")] + ".meta.npz"
         if not os.path.exists(meta):
-            raise FileNotFoundError(f"group_by_modality needs {meta!r} (written by prepare) beside {f!r}")
+            raise ConfigError(f"config field {field}: modality grouping needs {meta} (written by prepare) beside "
+                              f"{f}; re-run {_PREPARE} for it, or set {field} = False")
         with np.load(meta) as m:
             has_image.append(m["has_image"])
             lengths.append(m["length"])
@@ -427,6 +465,24 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
+def _load_tokenizer(tokenizer, field: str = "data.tokenizer_dir") -> TextTokenizer:
+    """as_tokenizer, with a missing or unreadable tokenizer.json a ConfigError naming the field."""
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer
+    path = os.fspath(tokenizer)
+    file = path if path.endswith(".json") and os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+    if "://" not in path and not os.path.isfile(file):
+        state = "does not exist" if not os.path.exists(path) else "holds no tokenizer.json"
+        raise ConfigError(f"config field {field}: {path} {state}; give a folder holding the LLM's tokenizer.json "
+                          "(the config switch tokenizer=DIR)")
+    try:
+        return as_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 — tokenizers raises its own Exception type for a bad file
+        raise ConfigError(f"config field {field}: {file} is not a readable tokenizer ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); give a folder with a valid tokenizer.json") \
+            from None
+
+
 def _build(source: Sequence, modality, lengths, config_data, cfg: CambrianConfig, tokenizer, process_index,
            process_count) -> DataIterator:
     c = data_config()
@@ -446,7 +502,7 @@ def _build(source: Sequence, modality, lengths, config_data, cfg: CambrianConfig
         raise ConfigError(f"config field data.image_mode: {c.image_mode!r} is not one of {preprocess.MODES}")
     if c.pixel_format not in ("float32", "uint8"):
         raise ConfigError(f"config field data.pixel_format: {c.pixel_format!r} is not 'float32' or 'uint8'")
-    tok = as_tokenizer(tokenizer)
+    tok = _load_tokenizer(tokenizer)
     found = templates.image_position(c.template, tok)
     if found != cfg.image_position:
         raise templates.ImagePositionError(
@@ -485,6 +541,9 @@ def make_dataset(config_data, model_cfg, tokenizer_dir=None, process_index: int 
     if source_kind != "array_record":
         raise ConfigError(f"config field data.source: {source_kind!r} is not 'array_record' or 'synthetic'")
     files = shard_paths(list(config_data.get("paths") or []))
+    if not files:
+        raise ConfigError("config field data.paths: no training data; give the prepared ArrayRecord folders "
+                          f"({_PREPARE})")
     source = grain.sources.ArrayRecordDataSource(files)
     modality = lengths = None
     if config_data.get("group_by_modality"):
@@ -508,24 +567,78 @@ def make_memory_dataset(samples: Iterable[Mapping], config_data, model_cfg, toke
     return it
 
 
+def stage_data_config(config, stage) -> ml_collections.ConfigDict:
+    """One stage's data section: the data_config defaults, then config.data, then stage.data."""
+    c = data_config()
+    c.update(dict(config.get("data") or {}))
+    c.update(dict(stage.get("data") or {}))
+    return c
+
+
 def stage_dataset(config, stage, model_cfg, workdir, process_index: int | None = None,
                   process_count: int | None = None) -> tuple[DataIterator, int]:
     """The trainer's entry: (iterator, number of records) for one training stage.
 
     `config.data` overlaid with `stage.data` (e.g. stage1.data.synthetic.tasks = ("caption",)); the
     global batch size is the stage's, and the data repeats forever (the trainer counts the steps from
-    stage.epochs). With source = "synthetic" and no tokenizer_dir, the synthetic dataset's tiny
-    tokenizer for data.template is built once under workdir/tokenizer.
+    stage.epochs). With source = "synthetic" (or data.synthetic_tokenizer) and no tokenizer_dir, the
+    synthetic dataset's tiny tokenizer for data.template is built once under workdir/tokenizer.
     """
-    c = data_config()
-    c.update(dict(config.get("data") or {}))
-    c.update(dict(stage.get("data") or {}))
+    c = stage_data_config(config, stage)
     c.global_batch_size = int(stage.global_batch_size)
     c.num_epochs = None
-    if not c.tokenizer_dir and c.source == "synthetic":
+    if not c.tokenizer_dir and (c.source == "synthetic" or c.synthetic_tokenizer):
         c.tokenizer_dir = synthetic_tokenizer(os.path.join(os.fspath(workdir), "tokenizer"), c.template)
     it = make_dataset(c, model_cfg, None, process_index, process_count)
     return it, it.num_records
+
+
+def check_stage_data(config, n: int, model_cfg) -> None:
+    """Check stage n's data before anything is created or compiled (the trainer calls this with the
+    other config checks): data.source and data.template; for ArrayRecord data every path (exists,
+    finished prepare shards with records, the .meta.npz files group_by_modality reads); the
+    tokenizer (a tokenizer.json whose tokens fit model.decoder.vocab_size and that puts the image at
+    model.image_position with data.template). Raises a ConfigError naming the field, the path and
+    the config switch (dataN=, tokenizer=) that sets it. Reads only file names, the prepare records
+    and the tokenizer; gs:// paths are not checked."""
+    stage = config.get(f"stage{n}") or ml_collections.ConfigDict()
+    c = stage_data_config(config, stage)
+    cfg = _model_config(model_cfg)
+    if c.source not in ("array_record", "synthetic"):
+        raise ConfigError(f"config field data.source: {c.source!r} is not 'array_record' or 'synthetic'")
+    try:
+        templates.get_template(c.template)
+    except ValueError as e:
+        raise ConfigError(f"config field data.template: {e}") from None
+    if c.source == "array_record":
+        in_stage = "paths" in dict(stage.get("data") or {})
+        paths = list(c.paths or [])
+        if not paths:
+            raise ConfigError(f"config field stage{n}.data.paths: no training data; give the prepared ArrayRecord "
+                              f"folders ({_PREPARE}), e.g. with the config switch data{n}=/path/to/prepared")
+        field = f"stage{n}.data.paths" if in_stage else "data.paths"
+        files = shard_paths(paths, field, f"data{n}=" if in_stage else "")
+        if c.group_by_modality:
+            shard_meta([f for f in files if "://" not in f], f"stage{n}.data.group_by_modality")
+    if not c.tokenizer_dir:
+        if c.source == "synthetic" or c.synthetic_tokenizer:
+            return                     # stage_dataset builds the synthetic tokenizer, made for the tiny models
+        raise ConfigError("config field data.tokenizer_dir: no tokenizer given; give the folder holding the LLM's "
+                          "tokenizer.json (the config switch tokenizer=DIR)")
+    if "://" in str(c.tokenizer_dir):
+        return
+    tok = _load_tokenizer(c.tokenizer_dir)
+    vocab = cfg.decoder.vocab_size
+    if len(tok) > vocab:
+        raise ConfigError(f"config field data.tokenizer_dir: the tokenizer in {c.tokenizer_dir} has {len(tok)} tokens, "
+                          f"more than model.decoder.vocab_size = {vocab}; give the tokenizer this model was made for "
+                          "(configs/cambrian_tiny.py: leave tokenizer= out, and the synthetic byte-level tokenizer, "
+                          "which encodes any text, is used)")
+    found = templates.image_position(c.template, tok)
+    if found != cfg.image_position:
+        raise ConfigError(f"config field model.image_position: template {c.template!r} with the tokenizer in "
+                          f"{c.tokenizer_dir} puts the image at token {found}, but model.image_position is "
+                          f"{cfg.image_position}; set --config.model.image_position={found}")
 
 
 def synthetic_tokenizer(path: str, template: str) -> str:

@@ -17,6 +17,11 @@ than RGB (CMYK, greyscale, palette, RGBA, 16-bit) and any format other than JPEG
 an RGB PNG (preprocess.to_rgb); RGB JPEG/PNG files are stored byte for byte. The summary goes to
 OUT/summary.json as {"written": n, "skipped": {reason: n}, "bytes": n, "text_only": n,
 "converted": {what: n}, "examples": {reason: [file:line …]}}.
+
+Mistakes in the arguments (a --jsonl that does not exist or holds a JSON array, an --image-root that
+is not a folder or holds none of the first samples' images, an --out that is a file or holds another
+run's shards, limits out of range) end in one line and exit 2 (cambrian_jax/cli.py) before anything
+is written.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from cambrian_jax import cli
+from cambrian_jax.cli import InputError
 from cambrian_jax.data import records
 from cambrian_jax.data.records import Skip
 
@@ -58,15 +65,20 @@ class Limits:
 def resolve_image(path: str, root: str) -> str:
     """Absolute path of `path` under the (real) `root`; refuses escapes and missing files."""
     if os.path.isabs(path) or path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", path):
-        raise Skip("image_path_escapes_root", f"absolute path {path!r}")
+        raise Skip("image_path_escapes_root", "an absolute path")
     full = os.path.realpath(os.path.join(root, path))
     if os.path.commonpath([full, root]) != root:
-        raise Skip("image_path_escapes_root", f"{path!r} resolves to {full!r}")
+        raise Skip("image_path_escapes_root", f"resolves to {full}, outside --image-root")
     if not os.path.exists(full):
-        raise Skip("missing_image", path)
+        raise Skip("missing_image", "no such file under --image-root")
     if not os.path.isfile(full):
-        raise Skip("unreadable_image", f"{path!r} is not a file")
+        raise Skip("unreadable_image", "not a file")
     return full
+
+
+def _no_buffer(e: BaseException) -> str:
+    """An exception's message without the in-memory buffer PIL names for the file (<_io.BytesIO …>)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
 
 
 def check_image(data: bytes, limits: Limits) -> tuple[bytes, tuple[int, int], list[str]]:
@@ -79,8 +91,10 @@ def check_image(data: bytes, limits: Limits) -> tuple[bytes, tuple[int, int], li
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise Skip("image_too_large", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise Skip("unreadable_image", "not an image PIL can identify (corrupt, or not an image file)") from None
     except Exception as e:  # noqa: BLE001 — PIL raises many types for bad files
-        raise Skip("unreadable_image", f"{type(e).__name__}: {e}") from None
+        raise Skip("unreadable_image", f"{type(e).__name__}: {_no_buffer(e)}") from None
     w, h = img.size
     if w * h > limits.max_pixels:
         raise Skip("image_too_large", f"{w}×{h}")
@@ -94,7 +108,7 @@ def check_image(data: bytes, limits: Limits) -> tuple[bytes, tuple[int, int], li
             img.load()
     except Exception as e:  # noqa: BLE001
         reason = "truncated_image" if "truncat" in str(e).lower() else "unreadable_image"
-        raise Skip(reason, f"{type(e).__name__}: {e}") from None
+        raise Skip(reason, f"{type(e).__name__}: {_no_buffer(e)}") from None
     conversions = []
     if img.mode != "RGB":
         conversions.append(f"mode_{img.mode}")
@@ -122,7 +136,7 @@ def load_image(path: str, root: str, limits: Limits) -> tuple[bytes, tuple[int, 
         with open(full, "rb") as f:
             data = f.read(limits.max_file_bytes + 1)
     except OSError as e:
-        raise Skip("unreadable_image", f"{path!r}: {e}") from None
+        raise Skip("unreadable_image", f"{type(e).__name__}: {e.strerror or e}") from None
     return check_image(data, limits)
 
 
@@ -223,7 +237,10 @@ def process_line(line: bytes, where: str, image_root: str, limits: Limits):
     image = size = None
     conversions: list[str] = []
     if sample["image"] is not None:
-        image, size, conversions = load_image(sample["image"], image_root, limits)
+        try:
+            image, size, conversions = load_image(sample["image"], image_root, limits)
+        except Skip as e:     # name the record and its image: the example says which file to look at
+            raise Skip(e.reason, f"id {sample['id']!r}, image {sample['image']!r}: {e.detail}") from None
     record = records.encode_record(sample, image, size)
     return record, image is not None, records.word_length(sample["conversations"]), conversions
 
@@ -322,31 +339,115 @@ class _Progress:
               f"{rate:.0f} lines/s · ETA {eta_s}", file=sys.stderr, flush=True)
 
 
+def _input_file(path: str) -> str:
+    if not os.path.isfile(path):
+        state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise InputError(f"--jsonl {path} {state}; give a LLaVA-format JSONL file (one sample per line)")
+    return path
+
+
+def _input_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        state = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise InputError(f"--image-root {path} {state}; give the folder the samples' image paths are relative to")
+    return path
+
+
+def _check_limits(limits: Limits) -> None:
+    for flag, value, low in (("--min-side", limits.min_side, 1), ("--max-pixels", limits.max_pixels, 1),
+                             ("--max-aspect", limits.max_aspect, 1), ("--max-side", limits.max_side, 0),
+                             ("--max-file-bytes", limits.max_file_bytes, 1)):
+        if not value >= low:
+            raise InputError(f"{flag} {value}: give a number of at least {low}")
+
+
+_PROBE = 50     # samples with an image that _check_image_root looks at
+
+
+def _check_jsonl(file: str) -> None:
+    """A JSON array (how LLaVA releases its data) is not JSONL: refuse it rather than count every line bad."""
+    with open(file, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        base, ext = os.path.splitext(file)
+        target = base + ("_lines.jsonl" if ext == ".jsonl" else ".jsonl")
+        raise InputError(f"--jsonl {file} holds one JSON array, not one sample per line; convert it first, e.g. "
+                         f"jq -c '.[]' {file} > {target}")
+
+
+def _image_paths(files: list[str]):
+    """(file:line, image path) of the samples with an image, in input order (unparsable lines skipped)."""
+    for file in files:
+        with open(file, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    sample = json.loads(line)
+                    path = records.image_field(sample) if isinstance(sample, dict) else None
+                except (ValueError, Skip):
+                    continue
+                if path is not None:
+                    yield f"{os.path.basename(file)}:{lineno}", path
+
+
+def _check_image_root(files: list[str], root: str, given: str) -> None:
+    """Refuse an --image-root under which none of the first samples' images exist (the wrong folder);
+    a few missing images among many are counted per sample instead."""
+    seen, first = 0, None
+    for where, path in _image_paths(files):
+        if seen >= _PROBE:
+            break
+        seen += 1
+        try:
+            resolve_image(path, root)
+            return                       # one image found: the folder is right
+        except Skip as e:
+            if e.reason != "missing_image":
+                return
+            first = first or (where, path)
+    if first:
+        raise InputError(f"--image-root {given}: none of the first {seen} images exist under it (e.g. {first[1]!r} of "
+                         f"{first[0]}); give the folder the samples' image paths are relative to")
+
+
 def prepare(jsonl: list[str], image_root: str, out: str, num_shards: int | None = None, workers: int | None = None,
             limits: Limits = Limits(), progress_interval: float = 2.0, verbose: bool = True) -> dict:
-    """Convert; returns the summary (also written to OUT/summary.json). Resumes an interrupted run."""
-    files = [os.path.abspath(f) for f in jsonl]
+    """Convert; returns the summary (also written to OUT/summary.json). Resumes an interrupted run.
+    Bad arguments raise InputError (one line from the CLI) before anything is written."""
+    files = [os.path.abspath(_input_file(f)) for f in jsonl]
+    root = os.path.realpath(_input_dir(image_root))
+    _check_limits(limits)
+    if num_shards is not None and num_shards < 1:
+        raise InputError(f"--num-shards {num_shards}: give at least 1 (or leave it out: one shard per 20k lines)")
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers {workers}: give 0 or more (0 and 1 write the shards in this process)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file; give a folder (new, or one of an interrupted run to resume)")
     for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"--jsonl {f!r} does not exist")
-    root = os.path.realpath(image_root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--image-root {image_root!r} is not a directory")
+        _check_jsonl(f)
+    _check_image_root(files, root, image_root)
     scans = {f: scan(f) for f in files}
     total_lines = sum(n for n, _ in scans.values())
     if num_shards is None:
         num_shards = max(1, math.ceil(total_lines / 20_000))
-    os.makedirs(out, exist_ok=True)
     run = {"inputs": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files], "image_root": root,
            "num_shards": num_shards, "limits": dataclasses.asdict(limits)}
     run_file = os.path.join(out, "prepare.json")
     if os.path.exists(run_file):
-        with open(run_file) as f:
-            previous = json.load(f)
+        try:
+            with open(run_file) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{run_file} is not a prepare record ({type(e).__name__}: {e}); give a fresh --out "
+                             f"or delete {out}") from None
         if previous != json.loads(json.dumps(run)):
-            raise ValueError(f"{out!r} holds shards of a different prepare run (other inputs, shard count or "
+            raise InputError(f"{out!r} holds shards of a different prepare run (other inputs, shard count or "
                              f"limits); give a fresh --out or delete {run_file!r} and the shards")
     else:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {out}: cannot create it ({e.strerror or e}); give a folder you can write") \
+                from None
         with open(run_file, "w") as f:
             json.dump(run, f, indent=1)
 
@@ -404,6 +505,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m cambrian_jax.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--jsonl", action="append", required=True, help="LLaVA-format JSONL (repeatable)")

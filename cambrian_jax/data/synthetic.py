@@ -45,6 +45,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cambrian_jax import cli
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
 SHAPES = ("circle", "square", "triangle")
@@ -281,7 +283,10 @@ def build_tiny_tokenizer(out_dir: str, template: str = "phi3", **kwargs):
     return build_tokenizer(out_dir, corpus_texts(), template, **kwargs)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> None:
+    from cambrian_jax.data import templates  # noqa: PLC0415
+
     p = argparse.ArgumentParser(prog="python -m cambrian_jax.data.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--num-train", type=int, default=6000)
@@ -290,6 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default="phi3")
     a = p.parse_args(argv)
+    # Every argument is checked before anything is written.
+    if a.template not in templates.TEMPLATES:
+        raise cli.InputError(f"--template {a.template!r} is not one of {', '.join(sorted(templates.TEMPLATES))}")
+    for flag, n in (("--num-train", a.num_train), ("--num-test", a.num_test), ("--num-caption", a.num_caption)):
+        if n < 0:
+            raise cli.InputError(f"{flag} {n}: give a number of samples, 0 or more")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise cli.InputError(f"--out {a.out} is a file; give a folder (it gets train/test JSONL, images/ and "
+                             "tokenizer/)")
     for split, n in (("train", a.num_train), ("test", a.num_test)):
         print(write(a.out, n, split, VQA_TASKS, a.seed))
     for split, n in (("train", a.num_caption), ("test", max(1, a.num_caption // 10))):
