@@ -279,24 +279,19 @@ def check_stage(setup: TrainSetup, n: int) -> StagePlan:
     """Stage n's plan, with every check that needs no data or compile: the model, mesh, batch,
     trainable patterns and LR groups (TrainSetup.plan), the enumerated data and stage fields, the data paths."""
     from cambrian_jax import preprocess  # noqa: PLC0415
-    from cambrian_jax.data import templates  # noqa: PLC0415
+    from cambrian_jax.data import pipeline  # noqa: PLC0415
 
     plan = setup.plan(n)
     data = dict(setup.config.get("data") or {})
     data.update(dict(plan.stage.get("data") or {}))
     # Every enumerated field, here with the rest, rather than where it is first read (after compiling).
-    choices = {"data.source": (data.get("source", "array_record"), ("array_record", "synthetic")),
-               "data.template": (data.get("template", "phi3"), tuple(templates.TEMPLATES)),
-               "data.image_mode": (data.get("image_mode", "pad"), preprocess.MODES),
+    choices = {"data.image_mode": (data.get("image_mode", "pad"), preprocess.MODES),
                "data.pixel_format": (data.get("pixel_format", "float32"), ("float32", "uint8")),
                f"stage{n}.schedule": (plan.stage.get("schedule", "cosine"), ("cosine",))}
     for field, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"config field {field}: {value!r} is not one of {', '.join(valid)}")
-    if data.get("source", "array_record") == "array_record" and not list(data.get("paths") or []):
-        raise ConfigError(f"config field stage{n}.data.paths: no training data; give the prepared ArrayRecord "
-                          f"folders (python -m cambrian_jax.data.prepare), e.g. with the config switch "
-                          f"data{n}=/path/to/prepared")
+    pipeline.check_stage_data(setup.config, n, setup.model_cfg)    # source, template, paths, tokenizer
     return plan
 
 

@@ -50,7 +50,9 @@ TRAIN_MISTAKES = {
     "remat policy": (["--config", "configs/cambrian_tiny.py", "--config.model.remat=ful"],
                      "config field model.remat: 'ful' is not one of none, full"),
     "template": (["--config", "configs/cambrian_tiny.py", "--config.data.template=llama3"],
-                 "config field data.template: 'llama3' is not one of llama_3"),
+                 "config field data.template: unknown conversation template 'llama3'"),
+    "prepared data that does not exist": (["--config", "configs/cambrian_tiny.py:data2=/no/such/prepared,one_stage"],
+                                          "config field stage2.data.paths: /no/such/prepared does not exist"),
     "schedule": (["--config", "configs/cambrian_tiny.py", "--config.stage2.schedule=linear"],
                  "config field stage2.schedule: 'linear' is not one of cosine"),
     "list override": (["--config", "configs/cambrian_tiny.py", "--config.data.paths=[1]"],
@@ -172,3 +174,44 @@ def test_the_backend_probe_is_kept_out_of_the_log():
     assert not quiet.filter(record("/site-packages/jax/_src/xla_bridge.py", msg="Unable to initialize backend 'tpu'"))
     assert quiet.filter(record("/site-packages/jax/_src/xla_bridge.py", level=logging.WARNING))
     assert quiet.filter(record("/work/cambrian_jax/trainer.py"))
+
+
+# ------------------------------------------------------------------------------------------ a finished run
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("micro") / "run"
+    p = run("cambrian_jax.train", "--config", MICRO, "--workdir", str(wd), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd
+
+
+def test_a_finished_run_resumes_only_with_its_own_config(micro_run):
+    p = run("cambrian_jax.train", "--config", MICRO, "--workdir", str(micro_run))
+    assert p.returncode == 0 and "stage 2 already finished" in p.stderr, p.stderr[-3000:]
+    line = one_line(run("cambrian_jax.train", "--config", MICRO.replace("batch=8", "batch=4"), "--workdir",
+                        str(micro_run)))
+    assert "belongs to another config (data.global_batch_size: 8 recorded, 4 now; stage1.global_batch_size" in line
+
+
+def test_generate_and_export_refuse_a_config_that_is_not_the_runs(micro_run, tmp_path):
+    other = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,connector_only"
+    out = tmp_path / "hf"
+    for module, args in (("cambrian_jax.generate", ["--checkpoint", str(micro_run), "--prompt", "hi"]),
+                         ("cambrian_jax.export_hf", ["--workdir", str(micro_run), "--out", str(out)])):
+        line = one_line(run(module, *args, "--config", other))
+        assert f"--config {other} is not the config of the run in {micro_run}" in line
+        assert "model.connector.connector_only" in line
+    assert not out.exists()
+
+
+def test_a_mismatched_checkpoint_without_a_record_is_one_line(micro_run, tmp_path):
+    """A workdir from before the record: the restore itself names the mismatch."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(micro_run, old)
+    (old / "config.json").unlink()
+    other = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,connector_only"
+    line = one_line(run("cambrian_jax.generate", "--checkpoint", str(old), "--config", other, "--prompt", "hi"))
+    assert "does not hold the parameters of this model config" in line
