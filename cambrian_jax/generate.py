@@ -27,8 +27,13 @@ Command line (checkpoint = an HF-layout directory or the trainer's orbax workdir
         [--top-p 1.0] [--seed 42]
 
 Without --prompt it is an interactive chat: the conversation is kept in the model's template with the
-image at the start of the first user turn (`/image PATH` starts over with another image, `/reset`
-clears the conversation, `/quit` or end of input stops).
+image at the start of the first user turn (`/image PATH` starts over with another image — a path
+that is missing or not an image is reported and the conversation goes on —, `/reset` clears the
+conversation, `/quit` or end of input stops).
+
+When the prompt leaves fewer free positions than max_new_tokens, generation stops there; this is
+said (a warning) only when --max-new-tokens was given. A checkpoint, image or flag that cannot be
+used ends the command with one line on stderr and exit 2 (cambrian_jax.cli).
 """
 from __future__ import annotations
 
@@ -50,13 +55,14 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from cambrian_jax import preprocess
+from cambrian_jax import cli, preprocess
 from cambrian_jax.config import IMAGE_TOKEN_INDEX, CambrianConfig, ConfigError
 from cambrian_jax.connector import aggregate
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_IDS = 8          # stop ids are passed as a fixed-size array (padded with -1): no recompiles
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -67,18 +73,19 @@ class Sampling:
     logits / temperature, then top-p (nucleus) filtering as Hugging Face's TopPLogitsWarper, then a
     draw. The draw for row r at step t uses fold_in(fold_in(key(seed), row_seed_r), t), so a row's
     sample does not depend on the batch it is in."""
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 42
 
     def __post_init__(self):
+        # InputError is a ValueError: the command lines report it in one line (exit 2).
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+            raise cli.InputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise cli.InputError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise cli.InputError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -322,6 +329,58 @@ class LoadedCheckpoint:
     stop_ids: tuple[int, ...] | None
     source: str
     image_mode: str = "pad"
+    stage: int | None = None          # a training workdir's: the stage and step restored
+    step: int | None = None
+
+
+def check_checkpoint(path: str | os.PathLike) -> str:
+    """`path` if it is a directory (or remote), else an InputError saying it does not exist."""
+    try:
+        return cli.existing_dir(path, "--checkpoint")
+    except cli.InputError as e:
+        raise cli.InputError(f"{e}: give a training workdir (written by `python -m cambrian_jax.train`) or an "
+                             "HF-layout Cambrian directory (config.json + safetensors)") from None
+
+
+def _mtime(path) -> int | None:
+    try:
+        return int(os.stat(path).st_mtime)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What `path` holds, without reading the weights, so that an output can say what made it:
+
+    * a training workdir: {kind: "workdir", stage, step, written} — the stage and step load_checkpoint
+      restores by default (the latest finished stage's params) and when that step was written;
+    * an HF-layout directory: {kind: "hf", files: {name: [size, mtime]}} of its config, index, weights
+      and tokenizer files.
+
+    `path` is recorded absolute (a remote gs:// path as it is)."""
+    from cambrian_jax import export_hf
+    from cambrian_jax import workdir as workdir_lib
+
+    text = os.fspath(check_checkpoint(path))
+    where = text if "://" in text else os.path.abspath(text)
+    if workdir_lib.is_run(text):
+        from etils import epath
+
+        root = epath.Path(text)
+        for stage in (2, 1):
+            steps = export_hf._stage_steps(root, stage)
+            if steps:
+                return dict(path=where, kind="workdir", stage=stage, step=steps[-1],
+                            written=_mtime(os.path.join(text, f"stage{stage}", str(steps[-1]))))
+        return dict(path=where, kind="workdir", stage=None, step=None, written=None)
+    files = {}
+    if "://" not in text:
+        for name in sorted(os.listdir(text)):
+            full = os.path.join(text, name)
+            if name.endswith((".safetensors", ".json", ".bin", ".model")) and os.path.isfile(full):
+                st = os.stat(full)
+                files[name] = [st.st_size, int(st.st_mtime)]
+    return dict(path=where, kind="hf", files=files)
 
 
 def default_rules():
@@ -354,11 +413,11 @@ def load_checkpoint(path: str | os.PathLike, *, towers: Mapping[str, str] | None
       (configs/x.py[:arg]) or W/config.json, the tokenizer from `tokenizer`, config.data.tokenizer_dir
       or W/tokenizer, the template from config.data.template, stop ids from the template.
     """
+    from cambrian_jax import workdir as workdir_lib
     from cambrian_jax.data import templates
     from cambrian_jax.data.tokenizer import load_tokenizer
 
-    path = Path(path)
-    from cambrian_jax import workdir as workdir_lib
+    path = Path(check_checkpoint(path))
 
     is_workdir = workdir_lib.is_run(path)
     if (path / "config.json").is_file() and not is_workdir:
@@ -397,7 +456,7 @@ def load_checkpoint(path: str | os.PathLike, *, towers: Mapping[str, str] | None
     template = template or data.get("template") or guess_template(tok, cfg.image_position)
     templates.get_template(template)
     return LoadedCheckpoint(model, cfg, tok, template, None, f"{path} stage {stage} step {step}",
-                            data.get("image_mode", "pad"))
+                            data.get("image_mode", "pad"), stage, step)
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -414,8 +473,12 @@ class Generator:
 
     def __init__(self, model, tokenizer=None, template: str | None = None, *, cfg: CambrianConfig | None = None,
                  stop_ids: Sequence[int] | None = None, pad_id: int | None = None, mesh=None, rules=None,
-                 image_mode: str = "pad", prompt_multiple: int = 128, min_cache: int = 64):
+                 image_mode: str = "pad", prompt_multiple: int = 128, min_cache: int = 64, warn_cut: bool = True):
+        """warn_cut: warn (once) when max_new_tokens does not fit after a prompt and is cut; the
+        command lines pass False unless --max-new-tokens was given (a default that does not fit is
+        simply the most that fits)."""
         self.cfg = cfg or model.cfg
+        self.warn_cut = warn_cut
         self.tokenizer = tokenizer
         self.template = template
         self.image_mode = image_mode
@@ -543,8 +606,9 @@ class Generator:
         length, cache_len, max_new = self.shapes(longest, sampling.max_new_tokens)
         if max_new < sampling.max_new_tokens and not self._warned_cut:
             self._warned_cut = True
-            log.warning("max_new_tokens %d cut to %d: the prompt (%d positions) and the new tokens must fit the "
-                        "model's %d positions", sampling.max_new_tokens, max_new, longest, self.limit)
+            (log.warning if self.warn_cut else log.debug)(
+                "max_new_tokens %d cut to %d: the prompt (%d positions) and the new tokens must fit the model's %d "
+                "positions", sampling.max_new_tokens, max_new, longest, self.limit)
         rows = self.batch_bucket(n)
         batch = pad_batch(lay, length, rows, self.pad_id)
         sharded = rows * jax.process_count() % self._data_parallel() == 0
@@ -603,9 +667,17 @@ def parse_towers(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or ():
         name, sep, directory = item.partition("=")
         if not sep or not name or not directory:
-            raise SystemExit(f"--towers {item!r}: expected NAME=DIR (e.g. siglip/CLIP-ViT-SO400M-14-384=/data/siglip)")
+            raise cli.InputError(f"--towers {item!r}: expected NAME=DIR (e.g. "
+                                 "siglip/CLIP-ViT-SO400M-14-384=/data/siglip)")
         out[name] = directory
     return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as every other mistake: one line, exit 2."""
+
+    def error(self, message):
+        cli.fail(f"{message} (see {self.prog} --help)")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -621,18 +693,26 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, help="data=1,fsdp=-1,tensor=1 style degrees (default: all devices, fsdp)")
 
 
-def make_generator(args, **kwargs) -> Generator:
-    from cambrian_jax import sharding
+def parse_mesh(text: str | None) -> dict[str, int]:
     degrees = dict(data=1, fsdp=-1, tensor=1)
-    for item in filter(None, (args.mesh or "").split(",")):
+    for item in filter(None, (text or "").split(",")):
         k, _, v = item.partition("=")
-        if k not in degrees:
-            raise SystemExit(f"--mesh {args.mesh!r}: axes are data, fsdp, tensor")
+        if k not in degrees or not v.lstrip("-").isdigit():
+            raise cli.InputError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N (-1: the remaining devices)")
         degrees[k] = int(v)
-    mesh = sharding.make_mesh(degrees)
+    return degrees
+
+
+def make_generator(args, *, stage: int | None = None, step: int | None = None, **kwargs) -> Generator:
+    """The Generator of the command-line flags (add_checkpoint_args); stage/step pick a workdir's
+    checkpoint (default: the latest finished stage)."""
+    from cambrian_jax import sharding
+    mesh = sharding.make_mesh(parse_mesh(args.mesh))
     ck = load_checkpoint(args.checkpoint, towers=parse_towers(args.towers), config=args.config,
-                         tokenizer=args.tokenizer, template=args.template, dtype=args.dtype, mesh=mesh)
+                         tokenizer=args.tokenizer, template=args.template, dtype=args.dtype, mesh=mesh,
+                         stage=stage, step=step)
     kwargs.setdefault("image_mode", ck.image_mode)
+    kwargs.setdefault("warn_cut", getattr(args, "max_new_tokens", None) is not None)
     gen = Generator(ck.model, ck.tokenizer, ck.template, cfg=ck.cfg, stop_ids=ck.stop_ids, mesh=mesh, **kwargs)
     log.info("loaded %s: template %s, stop ids %s, %d device(s)", ck.source, ck.template, gen.stop_ids,
              mesh.devices.size)
@@ -667,7 +747,13 @@ def chat(gen: Generator, image: Image.Image | None, sampling: Sampling, stdin=No
             continue
         if text.startswith("/image"):
             path = text[len("/image"):].strip()
-            image = Image.open(path) if path else None
+            try:
+                new = cli.open_image(path, "image") if path else None
+            except cli.InputError as e:      # a typo must not cost the conversation
+                stdout.write(f"(error: {e}; the conversation and its image stay)\n")
+                stdout.flush()
+                continue
+            image = new
             turns = []
             stdout.write(f"(image {'cleared' if image is None else path}; new conversation)\n")
             continue
@@ -679,20 +765,27 @@ def chat(gen: Generator, image: Image.Image | None, sampling: Sampling, stdin=No
     return turns
 
 
+@cli.guarded
 def main(argv=None) -> str | None:
-    p = argparse.ArgumentParser(prog="python -m cambrian_jax.generate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m cambrian_jax.generate", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--image", default=None, help="image file (omit for text-only)")
     p.add_argument("--prompt", default=None, help="the question; without it an interactive chat starts")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, or what fits after the prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     setup_logging()
+    # Every input is checked before the model is loaded.
+    max_new = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    sampling = Sampling(max_new, args.temperature, args.top_p, args.seed)
+    check_checkpoint(args.checkpoint)
+    parse_towers(args.towers)
+    parse_mesh(args.mesh)
+    image = cli.open_image(args.image, "--image") if args.image else None
     gen = make_generator(args)
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    image = Image.open(args.image) if args.image else None
     if args.prompt is None:
         chat(gen, image, sampling)
         return None

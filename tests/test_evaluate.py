@@ -10,6 +10,10 @@
                  tiny random checkpoint: predictions JSONL, results.json, the report
   resume         interrupted after one batch (and a torn last line), re-run: the same report as an
                  uninterrupted run
+  settings       OUT/settings.json says what made the predictions; the default --out is per checkpoint
+                 and benchmark; another checkpoint (even of the same folder name) or another
+                 temperature in the same folder is refused, an older folder without settings.json
+                 too; --overwrite starts over; a larger --limit extends the run
   trainer        choice_eval.evaluate_synthetic (the trainer's held-out eval) gives the harness's
                  numbers on the same split, in the trainer's result format
 """
@@ -21,6 +25,7 @@ import numpy as np
 import pytest
 
 from cambrian_jax import choice_eval, evaluate
+from cambrian_jax.cli import InputError
 from cambrian_jax.data import synthetic
 from cambrian_jax.evaluation import answers, benchmarks, harness, scoring
 from cambrian_jax.evaluation.benchmarks import BENCHMARKS, Item
@@ -174,7 +179,7 @@ def test_cv_bench_reads_the_same_from_parquet_and_from_jsonl(cv_bench):
 
 
 def test_missing_pyarrow_or_files_are_explained(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="test_2d.parquet"):
+    with pytest.raises(InputError, match="test_2d.parquet"):
         benchmarks.load_items(tmp_path, "cv_bench")
     (tmp_path / "test_2d.parquet").write_bytes(b"")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
@@ -233,6 +238,75 @@ def test_cv_bench_end_to_end_with_blind(work, cv_bench, tmp_path, capsys):
                            parquet, "--out", str(out), "--blind", "--batch-size", "4", "--max-new-tokens", "4"])
     assert _strip(again) == _strip(results)
     assert len(open(out / "predictions.jsonl").readlines()) == len(rows)
+
+
+def _cli_args(checkpoint, data, *extra):
+    from tests.test_generate import TINY_CONFIG
+
+    return ["--checkpoint", str(checkpoint), "--config", TINY_CONFIG, "--benchmark", "cv_bench", "--data", str(data),
+            "--batch-size", "4", "--max-new-tokens", "2", *extra]
+
+
+def test_outputs_say_what_made_them(work, cv_bench, tmp_path, monkeypatch, cli_error, caplog):
+    """Issue: a second checkpoint (or --temperature 1.5 after a greedy run) in the same folder used
+    to report the first run's predictions under its own name. Now the folder's settings.json is
+    compared first."""
+    import shutil
+
+    from tests.test_generate import TINY_CONFIG
+
+    _, jsonl, rows = cv_bench
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(_cli_args(work, jsonl, "--limit", "4"))
+    out = tmp_path / "eval_results" / os.path.basename(work) / "cv_bench"       # the default --out
+    settings = json.loads((out / "settings.json").read_text())
+    written = settings["checkpoint"].pop("written")
+    assert isinstance(written, int)
+    assert settings == {
+        "cambrian_jax_eval": 1,
+        "checkpoint": {"path": os.path.abspath(work), "kind": "workdir", "stage": 2, "step": 1},
+        "config": TINY_CONFIG, "towers": {}, "tokenizer": None, "template": "phi3", "dtype": "float32",
+        "image_mode": "pad", "benchmark": "cv_bench", "instruction": BENCHMARKS["cv_bench"].instruction,
+        "data": os.path.abspath(jsonl), "max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, "seed": 42}
+    settings["checkpoint"]["written"] = written
+    predictions = (out / "predictions.jsonl").read_text()
+    assert len(predictions.splitlines()) == 4
+    assert json.loads((out / "results.json").read_text())["settings"] == settings
+
+    def untouched():
+        assert (out / "predictions.jsonl").read_text() == predictions
+        assert json.loads((out / "settings.json").read_text()) == settings
+
+    # Another run's checkpoint, in a folder of the same name (so the same default --out): refused.
+    other = tmp_path / "elsewhere" / os.path.basename(work)
+    shutil.copytree(work, other)
+    code, line = cli_error(evaluate.main, _cli_args(other, jsonl, "--limit", "4"))
+    assert code == 2 and "checkpoint.path" in line and str(other) in line and "--overwrite" in line, line
+    untouched()
+    # Other generation settings: refused, naming the field.
+    code, line = cli_error(evaluate.main, _cli_args(work, jsonl, "--limit", "4", "--temperature", "1.5"))
+    assert code == 2 and "temperature: 0.0 there, 1.5 now" in line and "another --out" in line, line
+    untouched()
+    # A folder written before settings.json existed: refused too.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "predictions.jsonl").write_text(predictions)
+    code, line = cli_error(evaluate.main, _cli_args(work, jsonl, "--out", str(old)))
+    assert code == 2 and "no settings.json" in line and "--overwrite" in line, line
+    assert sorted(os.listdir(old)) == ["predictions.jsonl"]
+    # The same settings with a larger --limit: the run is extended (4 done, 4 generated).
+    results = evaluate.main(_cli_args(work, jsonl))
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows) and "\n".join(lines[:4]) + "\n" == predictions
+    assert results["num_questions"] == len(rows) and results["settings"] == settings
+    # --overwrite starts over with the new settings, and says so.
+    caplog.clear()
+    again = evaluate.main(_cli_args(work, jsonl, "--limit", "4", "--temperature", "1.5", "--overwrite"))
+    said = [r.getMessage() for r in caplog.records if "--overwrite" in r.getMessage()]
+    assert len(said) == 1 and "starting over" in said[0] and "temperature" in said[0], said
+    assert json.loads((out / "settings.json").read_text()) == dict(settings, temperature=1.5)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 and again["num_questions"] == 4
+    assert again["settings"]["temperature"] == 1.5
 
 
 class Interrupted(Exception):

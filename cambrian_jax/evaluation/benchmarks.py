@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from cambrian_jax import cli
 from cambrian_jax.data.templates import IMAGE_PLACEHOLDER
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -74,7 +75,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {b.name: b for b in (
 
 def get_benchmark(name: str) -> BenchmarkSpec:
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} ('local' uses the data's prompts)")
+        raise cli.InputError(f"unknown benchmark {name!r}: use one of {', '.join(sorted(BENCHMARKS))} "
+                             "('local' uses the data's own prompts)")
     return BENCHMARKS[name]
 
 
@@ -123,23 +125,35 @@ def format_choices(question: str, choices: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ images
 
-def _file_loader(path: str) -> Callable[[], Image.Image]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
+class _FileImage:
+    """An image file, decoded when the item is generated (or checked, `check_images`)."""
 
-    def load():
-        with Image.open(path) as im:
-            im.load()
-            return im
-    return load
+    def __init__(self, path: str):
+        self.path = self.where = path
+
+    def __call__(self) -> Image.Image:
+        return cli.open_image(self.path, "image")
 
 
-def _bytes_loader(data: bytes) -> Callable[[], Image.Image]:
-    def load():
+class _BytesImage:
+    """Encoded image bytes held by the record (HF datasets' {"bytes", "path"})."""
+
+    def __init__(self, data: bytes, where: str):
+        self.data, self.where = data, where
+
+    def __call__(self) -> Image.Image:
+        return _decode(self.data, self.where)
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
+    from PIL import UnidentifiedImageError
+
+    try:
         im = Image.open(io.BytesIO(data))
         im.load()
         return im
-    return load
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
+        raise cli.InputError(f"the image in {where} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _image_ref(value, root: str):
@@ -150,12 +164,12 @@ def _image_ref(value, root: str):
         return value
     if isinstance(value, Mapping):
         if value.get("bytes"):
-            return _bytes_loader(value["bytes"])
+            return _BytesImage(value["bytes"], f"{root} ({value.get('path') or 'embedded bytes'})")
         value = value.get("path")
         if not value:
             return None
     path = value if os.path.isabs(value) else os.path.join(root, value)
-    return _file_loader(path)
+    return _FileImage(path)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -183,10 +197,10 @@ def item_from_record(rec: Mapping[str, Any], root: str = ".", index: int = 0) ->
             prompt = format_choices(prompt, choices)
         answer = rec.get("answer", rec.get("gt_answer"))
     else:
-        raise ValueError(f"record {index}: no prompt (expected 'prompt', 'conversations', 'text' or 'question'); "
+        raise cli.InputError(f"record {index}: no prompt (expected 'prompt', 'conversations', 'text' or 'question'); "
                          f"keys {sorted(rec)}")
     if answer is None:
-        raise ValueError(f"record {index}: no answer (expected 'answer', 'gt_answer', meta.answer or a gpt turn)")
+        raise cli.InputError(f"record {index}: no answer (expected 'answer', 'gt_answer', meta.answer or a gpt turn)")
     kind = rec.get("type")
     if rec.get("idx") is not None:
         ident = f"{kind}_{rec['idx']}" if kind else str(rec["idx"])
@@ -203,12 +217,31 @@ def item_from_record(rec: Mapping[str, Any], root: str = ".", index: int = 0) ->
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise cli.InputError(f"--data {path} is not a text file: give the benchmark's .jsonl/.json/.parquet file "
+                             "or its folder") from None
     if path.endswith(".json"):
-        data = json.loads(text)
-        return list(data.values()) if isinstance(data, dict) else list(data)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise cli.InputError(f"--data {path} is not valid JSON ({e})") from None
+        records = list(data.values()) if isinstance(data, dict) else list(data)
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise cli.InputError(f"--data {path}: line {n} is not JSON ({e}); one JSON object per line") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise cli.InputError(f"--data {path}: record {bad} is not a JSON object")
+    return records
 
 
 def _read_parquet(path: str, root: str) -> list[Item]:
@@ -217,14 +250,18 @@ def _read_parquet(path: str, root: str) -> list[Item]:
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); or use the jsonl + img/ copy of "
                           "the benchmark (e.g. CV-Bench's test_2d.jsonl / test_3d.jsonl with img/)") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises its own errors for a file that is not parquet
+        raise cli.InputError(f"--data {path} is not a readable parquet file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     columns = [c for c in table.column_names if c != "image"]
     rows = table.select(columns).to_pylist()
     images = table.column("image") if "image" in table.column_names else None
     items = []
     for i, rec in enumerate(rows):
         if images is not None:
-            rec["image"] = _ParquetImage(images, i)
+            rec["image"] = _ParquetImage(images, i, f"{path} row {i}")
         items.append(item_from_record(rec, root, i))
     return items
 
@@ -232,15 +269,15 @@ def _read_parquet(path: str, root: str) -> list[Item]:
 class _ParquetImage:
     """Lazily decoded image of row i of a parquet image column ({"bytes", "path"} structs)."""
 
-    def __init__(self, column, row: int):
-        self.column, self.row = column, row
+    def __init__(self, column, row: int, where: str):
+        self.column, self.row, self.where = column, row, where
 
     def __call__(self) -> Image.Image:
         value = self.column[self.row].as_py()
         data = value.get("bytes") if isinstance(value, Mapping) else value
-        im = Image.open(io.BytesIO(data))
-        im.load()
-        return im
+        if not data:
+            raise cli.InputError(f"{self.where} has no image bytes")
+        return _decode(data, self.where)
 
 
 def _cv_bench_files(folder: str) -> tuple[str, list[str]]:
@@ -258,14 +295,17 @@ def _cv_bench_files(folder: str) -> tuple[str, list[str]]:
         return "parquet", parquet
     if jsonl:
         return "jsonl", jsonl
-    raise FileNotFoundError(f"{folder}: no CV-Bench files (test_2d.parquet / test_3d.parquet, or test_2d.jsonl / "
-                            "test_3d.jsonl / test.jsonl with img/)")
+    raise cli.InputError(f"--data {folder} holds no CV-Bench files (test_2d.parquet / test_3d.parquet, or "
+                         "test_2d.jsonl / test_3d.jsonl / test.jsonl with img/): give the folder of a CV-Bench copy")
 
 
 def load_items(data: str | os.PathLike, benchmark: str = "local", limit: int | None = None) -> list[Item]:
     """The items of a benchmark copy: a folder (CV-Bench layout, or one *.jsonl / *.json / *.parquet
     file in it) or a file. Ids must be unique (they key the predictions file)."""
     data = os.fspath(data)
+    if not os.path.exists(data):
+        raise cli.InputError(f"--data {data} does not exist: give the benchmark's local copy (a folder or a "
+                             ".jsonl/.json/.parquet file)")
     if os.path.isdir(data):
         root = data
         if benchmark == "cv_bench" or any(os.path.isfile(os.path.join(data, f)) for f in
@@ -274,22 +314,49 @@ def load_items(data: str | os.PathLike, benchmark: str = "local", limit: int | N
         else:
             files = sorted(f for ext in ("jsonl", "json", "parquet") for f in glob.glob(os.path.join(data, f"*.{ext}")))
             if len(files) != 1:
-                raise FileNotFoundError(f"{data}: expected one .jsonl/.json/.parquet file with the questions, found "
-                                        f"{[os.path.basename(f) for f in files]}; pass the file itself with --data")
+                raise cli.InputError(f"--data {data}: expected one .jsonl/.json/.parquet file with the questions, "
+                                     f"found {[os.path.basename(f) for f in files]}; pass the file itself with --data")
             kind = "parquet" if files[0].endswith(".parquet") else "jsonl"
     else:
         root, files = os.path.dirname(os.path.abspath(data)), [data]
         kind = "parquet" if data.endswith(".parquet") else "jsonl"
     items: list[Item] = []
     for path in files:
-        if kind == "parquet":
-            items += _read_parquet(path, root)
-        else:
-            items += [item_from_record(r, root, i) for i, r in enumerate(_read_jsonl(path), start=len(items))]
+        try:
+            if kind == "parquet":
+                items += _read_parquet(path, root)
+            else:
+                items += [item_from_record(r, root, i) for i, r in enumerate(_read_jsonl(path), start=len(items))]
+        except cli.InputError as e:
+            raise (e if str(e).startswith("--data") else cli.InputError(f"--data {path}: {e}")) from None
     seen: dict[str, int] = {}
     for it in items:
         seen[it.id] = seen.get(it.id, 0) + 1
     dupes = [k for k, v in seen.items() if v > 1]
     if dupes:
-        raise ValueError(f"{data}: item ids are not unique ({dupes[:5]}…); predictions are keyed by id")
+        raise cli.InputError(f"--data {data}: item ids are not unique ({dupes[:5]}…); predictions are keyed by id")
+    if not items:
+        raise cli.InputError(f"--data {data} holds no items: give the benchmark's question file (or its folder)")
     return items[:limit] if limit else items
+
+
+def image_source(item: Item) -> str:
+    """Where an item's image comes from (a path, a parquet row), for messages."""
+    return str(getattr(item.image, "where", None) or ("in memory" if item.has_image else "none"))
+
+
+def check_images(items: Sequence[Item], data: str | os.PathLike = "") -> None:
+    """Decode every item's image once (and drop it), so that a missing or broken image is reported
+    before anything is generated or written: an InputError naming the item and the image."""
+    for it in items:
+        if not it.has_image:
+            continue
+        try:
+            image = it.load_image()
+        except cli.InputError as e:
+            where = f"--data {os.fspath(data)}: " if data else ""
+            raise cli.InputError(f"{where}item {it.id}: {e}; fix the image or leave the item out of the data") \
+                from None
+        if not isinstance(image, Image.Image):
+            raise cli.InputError(f"item {it.id}: its image ({image_source(it)}) is not an image but "
+                                 f"{type(image).__name__}")

@@ -6,8 +6,10 @@ tokens of all rows come back on every process. Process 0 appends one JSON line p
 `predictions.jsonl` (`predictions_blind.jsonl` for the blind pass) and flushes after every batch.
 A re-run with the same output folder skips the items already in the file (a torn last line from an
 interruption is dropped), so an interrupted evaluation resumes where it stopped and ends with the
-same report. Greedy decoding is deterministic per row, and sampling draws with the item's index as
-its row seed, so neither depends on how items fell into batches.
+same report. Items are matched by id only: `python -m cambrian_jax.evaluate` first checks that the
+folder's settings.json (checkpoint, benchmark, data, generation settings) is this run's. Greedy
+decoding is deterministic per row, and sampling draws with the item's index as its row seed, so
+neither depends on how items fell into batches.
 
 The blind pass (paper Fig. 3) replaces every image with a uniform grey image of the same size: the
 question, the choices and the image's shape stay, what it shows is gone. A benchmark that needs
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from cambrian_jax import cli
 from cambrian_jax.evaluation import answers, scoring
 from cambrian_jax.evaluation.benchmarks import BenchmarkSpec, Item
 
@@ -57,7 +60,8 @@ def read_predictions(path: Path, ids: set[str]) -> dict[str, dict]:
             if i == len(lines) - 1:       # interrupted mid-write
                 log.warning("%s: dropping a torn last line", path)
                 break
-            raise ValueError(f"{path}: line {i + 1} is not JSON; remove the file to start over") from None
+            raise cli.InputError(f"{path}: line {i + 1} is not JSON; remove the file (or pass --overwrite) to start "
+                                 "over") from None
         if not line.endswith("\n"):
             line += "\n"
         good.append(line)
@@ -89,8 +93,8 @@ def run_pass(gen, items: Sequence[Item], spec: BenchmarkSpec, *, sampling, out_d
     """Generate for every item not yet in the predictions file; return all records (on process 0,
     or on every process when out_dir is None), in item order."""
     processes, me = jax.process_count(), jax.process_index()
-    if batch_size % processes:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {processes} processes")
+    if batch_size < 1 or batch_size % processes:
+        raise cli.InputError(f"--batch-size {batch_size} is not a positive multiple of the {processes} processes")
     per_process = batch_size // processes
     ids = [it.id for it in items]
     path = _prediction_file(out_dir, blind) if out_dir is not None else None
