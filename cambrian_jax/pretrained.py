@@ -12,6 +12,9 @@ Inference:
     out.logits                                      # float32 [1, T - 1 + n·(n+1), vocab]
     model.save_pretrained("path/to/out")            # the released layout again (cambrian_jax.export_hf)
 
+An export whose towers are included (`export_hf --towers`, its towers/ folders listed in config.json's
+`cambrian_jax_tower_dirs`) loads with `load_pretrained(path)` alone; `towers=` then overrides per name.
+
 Training (`load_initial_weights`, called by the trainer with config.init):
 
     init.llm      a Hugging Face Llama-family LLM directory (Llama-3(.1), Vicuna/Llama-2, Yi, Phi-3)
@@ -390,27 +393,46 @@ class CambrianForInference:
                                jnp.asarray(batch["positions"]))
         return CambrianOutput(np.asarray(logits, np.float32), batch["attention_mask"], batch["positions"])
 
-    def save_pretrained(self, out: str | os.PathLike, dtype: str = "float32", max_shard_size: str | int = "5GB") -> dict:
-        """Write the released Hugging Face layout (cambrian_jax.export_hf.export)."""
+    def save_pretrained(self, out: str | os.PathLike, dtype: str = "float32", max_shard_size: str | int = "5GB",
+                        towers: Sequence[str] | str | None = None) -> dict:
+        """Write the released Hugging Face layout (cambrian_jax.export_hf.export); towers: 'all', 'none'
+        or names of the towers to include (default: those the loaded checkpoint included)."""
         from cambrian_jax import export_hf
 
+        if towers is None:      # the towers the loaded checkpoint included itself stay included
+            towers = [n for n in self.hf_config.get(export_hf.TOWER_DIRS_FIELD) or {}]
         return export_hf.export(self.params(), self.config, out, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                                 max_shard_size=max_shard_size, llm_config=self.hf_config or None,
-                                generation_config=self.generation_config)
+                                generation_config=self.generation_config, towers=towers)
+
+
+def included_towers(path: str | os.PathLike, hf: Mapping[str, Any]) -> dict[str, str]:
+    """{tower name: directory} of the towers an export holds itself (config.json's
+    `cambrian_jax_tower_dirs`, written by export_hf: paths relative to the checkpoint)."""
+    from cambrian_jax.export_hf import TOWER_DIRS_FIELD
+
+    dirs = hf.get(TOWER_DIRS_FIELD) or {}
+    if not isinstance(dirs, Mapping) or not all(isinstance(v, str) for v in dirs.values()):
+        raise ConfigError(f"{os.path.join(os.fspath(path), 'config.json')}: {TOWER_DIRS_FIELD} must map tower names "
+                          f"to directories, got {dirs!r}")
+    return {name: os.path.join(os.fspath(path), rel) for name, rel in dirs.items()}
 
 
 def load_pretrained(path: str | os.PathLike, towers: Mapping[str, str | os.PathLike] | None = None, *,
                     dtype: str = "float32", tower_overrides: Mapping[str, Mapping[str, Any]] | None = None,
                     image_mode: str = "pad", mesh=None, rules=None) -> CambrianForInference:
     """A released-layout Cambrian checkpoint (spec §5.1–§5.4) with its towers from `towers`
-    ({tower name in config.json: local directory}). dtype: float32 | bfloat16 | float16, for the
+    ({tower name in config.json: local directory}). Towers an export includes (its towers/ folders,
+    listed in config.json's `cambrian_jax_tower_dirs`) are read from there unless `towers` names
+    them; every other tower must be given. dtype: float32 | bfloat16 | float16, for the
     parameters and the computation. With a `mesh`, every parameter is created sharded by the logical
     `rules` (default: the configs' table) and each host reads only the shards its devices hold."""
     path = os.fspath(path)
     hf = _read_json(os.path.join(path, "config.json"),
                     "load_pretrained expects a released Cambrian directory (config.json + safetensors shards)")
     wanted = cambrian_hf.tower_names(hf)
-    sources = resolve_towers(wanted, towers, select_layer=int(hf.get("mm_vision_select_layer", -2)),
+    mapping = {**included_towers(path, hf), **{k: os.fspath(v) for k, v in dict(towers or {}).items()}}
+    sources = resolve_towers(wanted, mapping, select_layer=int(hf.get("mm_vision_select_layer", -2)),
                              overrides=tower_overrides)
     cfg = cambrian_hf.config_from_hf(hf, [s.config for s in sources], dtype=dtype)
     reader = open_checkpoint(path)
