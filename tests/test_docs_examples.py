@@ -202,3 +202,19 @@ def test_example_runs(block, main_job, fresh_copy, tmp_path):
         if expected and real:
             got = p.stdout + p.stderr
             assert _shown_in(expected, got), f"{_id(block)}: {cmd}\nshown:\n{expected}\nprinted:\n{got[-3000:]}"
+
+
+def test_the_main_job_table_is_the_real_one(main_job):
+    """The README's table of the main job is what the main job prints (its eval_results.json)."""
+    import json
+
+    workdir, real = main_job
+    if not real:
+        pytest.skip("CAMBRIAN_MAIN_JOB is not set: the table belongs to the full main job, which CI runs")
+    r = json.loads((Path(workdir) / "eval_results.json").read_text())
+    text = (REPO / "README.md").read_text()
+    table = re.search(r"```text\ntask        accuracy   blind  chance     n\n(.*?)```", text, re.S).group(1)
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:4]] for line in table.strip().splitlines()}
+    assert rows["all"] == [round(r["accuracy"], 3), round(r["accuracy_blind"], 3), round(r["chance"], 3)], rows
+    for task, v in r["per_task"].items():
+        assert rows[task][:2] == [round(v["accuracy"], 3), round(v["accuracy_blind"], 3)], (task, rows[task], v)
