@@ -13,6 +13,7 @@ Exit codes of every `python -m cambrian_jax.…` command:
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -56,6 +57,13 @@ def guarded(main: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(e))
 
     return run
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as every other mistake: one line, exit 2."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def existing_dir(path: str | os.PathLike, what: str) -> str:

@@ -52,7 +52,7 @@ RESOLVED = ("template", "dtype", "image_mode")
 
 
 def parse_args(argv=None):
-    p = generate.ArgumentParser(prog="python -m cambrian_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.evaluate", description=__doc__.split("\n\n")[0])
     generate.add_checkpoint_args(p)
     p.add_argument("--benchmark", default="cv_bench", help=f"one of {sorted(benchmarks.BENCHMARKS)}")
     p.add_argument("--data", default=None, help="the benchmark's local copy (folder or file); required")

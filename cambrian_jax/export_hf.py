@@ -35,7 +35,6 @@ Python: `export(params, cfg, out, tokenizer_dir=…)` from any {path: array} / n
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -442,7 +441,8 @@ def run_config(workdir, config_spec: str | None):
     return config
 
 
-def _stage_steps(workdir, stage: int) -> list[int]:
+def stage_steps(workdir, stage: int) -> list[int]:
+    """Steps of W/stage{stage} whose checkpoint holds all parameters (a stage's final step)."""
     folder = workdir / f"stage{stage}"
     if not folder.exists():
         return []
@@ -465,14 +465,14 @@ def restore_params(workdir: str | os.PathLike, cfg: CambrianConfig, stage: int |
     workdir = epath.Path(workdir)
     stages = [stage] if stage else [2, 1]
     for s in stages:
-        steps = _stage_steps(workdir, s)
+        steps = stage_steps(workdir, s)
         if step is not None:
             steps = [x for x in steps if x == step]
         if steps:
             stage, step = s, steps[-1]
             break
     else:
-        have = {s: _stage_steps(workdir, s) for s in (1, 2)}
+        have = {s: stage_steps(workdir, s) for s in (1, 2)}
         raise ConfigError(f"{workdir}: no finished stage checkpoint with a 'params' item"
                           f"{f' at step {step}' if step is not None else ''} in stage(s) {stages}; "
                           f"steps with params: {have} (the trainer writes it at the final step of a stage)")
@@ -532,16 +532,9 @@ def towers_to_include(run, cfg: CambrianConfig, params, choice: str = "auto") ->
     return {t.name: why[t.name] for t in cfg.towers if t.name in why}
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported as every other mistake: one line, exit 2."""
-
-    def error(self, message):
-        cli.fail(f"{message} (see {self.prog} --help)")
-
-
 @cli.guarded
 def main(argv=None) -> dict:
-    parser = ArgumentParser(prog="python -m cambrian_jax.export_hf", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m cambrian_jax.export_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the training run's directory")
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the stage's final one)")

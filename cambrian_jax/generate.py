@@ -368,7 +368,7 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
 
         root = epath.Path(text)
         for stage in (2, 1):
-            steps = export_hf._stage_steps(root, stage)
+            steps = export_hf.stage_steps(root, stage)
             if steps:
                 return dict(path=where, kind="workdir", stage=stage, step=steps[-1],
                             written=_mtime(os.path.join(text, f"stage{stage}", str(steps[-1]))))
@@ -673,13 +673,6 @@ def parse_towers(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported as every other mistake: one line, exit 2."""
-
-    def error(self, message):
-        cli.fail(f"{message} (see {self.prog} --help)")
-
-
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="an HF-layout Cambrian directory (config.json + safetensors) or a training workdir (orbax)")
@@ -767,7 +760,7 @@ def chat(gen: Generator, image: Image.Image | None, sampling: Sampling, stdin=No
 
 @cli.guarded
 def main(argv=None) -> str | None:
-    p = ArgumentParser(prog="python -m cambrian_jax.generate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.generate", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--image", default=None, help="image file (omit for text-only)")
     p.add_argument("--prompt", default=None, help="the question; without it an interactive chat starts")

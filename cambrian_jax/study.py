@@ -501,7 +501,7 @@ def _last_line(path: Path) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m cambrian_jax.study", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="configs/x.py[:switches], the base of every run")

@@ -31,3 +31,24 @@ def cli_error(capsys):
         return info.value.code, lines[0]
 
     return call
+
+
+# The trainer's smallest real run, shared by every test that needs a finished workdir: the micro
+# config (one tower, trained in stage 2), 2 + 2 steps, through the command line (~1 min).
+MICRO_RUN = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,unfreeze_towers=2"
+
+
+@pytest.fixture(scope="session")
+def micro_workdir(tmp_path_factory):
+    """(workdir, config spec) of a finished MICRO_RUN; tests must not write into it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    wd = tmp_path_factory.mktemp("micro_run") / "run"
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "cambrian_jax.train", "--config", MICRO_RUN, "--workdir", str(wd)],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd, MICRO_RUN

@@ -23,8 +23,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -301,13 +299,10 @@ def test_auto_includes_trained_and_random_towers_only():
 # ------------------------------------------------------------------------------------------------ CLI
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-    """A real trainer workdir: micro, 2 + 2 steps, the tower trained in stage 2 (~1-4 min)."""
-    wd = tmp_path_factory.mktemp("run") / "W"
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "cambrian_jax.train", "--config", MICRO_TRAINED, "--workdir", str(wd)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stderr[-3000:]
+def trained_workdir(micro_workdir):
+    """A real trainer workdir (conftest: micro, 2 + 2 steps, the tower trained in stage 2)."""
+    wd, spec = micro_workdir
+    assert spec == MICRO_TRAINED
     return wd
 
 

@@ -23,7 +23,7 @@ from cambrian_jax.config import ConfigError
 from configs import cambrian_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8"
+MICRO = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,unfreeze_towers=2"    # conftest.MICRO_RUN
 
 
 def run(module: str, *args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
@@ -102,7 +102,7 @@ def test_record_refuses_another_config_and_accepts_where_it_runs(tmp_path):
 
 def test_train_refuses_a_workdir_of_another_config_in_one_line(tmp_path):
     wd = tmp_path / "run"
-    workdir.check_or_write(wd, cambrian_tiny.get_config("micro,steps1=2,steps2=2,batch=8"))
+    workdir.check_or_write(wd, cambrian_tiny.get_config(MICRO.partition(":")[2]))
     before = sorted(os.listdir(wd))
     line = one_line(run("cambrian_jax.train", "--config", MICRO, "--config.seed=1", "--workdir", str(wd)))
     assert f"workdir {wd} belongs to another config (seed: 0 recorded, 1 now)" in line
@@ -179,10 +179,12 @@ def test_the_backend_probe_is_kept_out_of_the_log():
 # ------------------------------------------------------------------------------------------ a finished run
 
 @pytest.fixture(scope="module")
-def micro_run(tmp_path_factory) -> Path:
+def micro_run(micro_workdir, tmp_path_factory) -> Path:
+    """A copy of conftest's finished micro run (these tests resume it)."""
+    import shutil
+
     wd = tmp_path_factory.mktemp("micro") / "run"
-    p = run("cambrian_jax.train", "--config", MICRO, "--workdir", str(wd), timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copytree(micro_workdir[0], wd)
     return wd
 
 
@@ -191,11 +193,11 @@ def test_a_finished_run_resumes_only_with_its_own_config(micro_run):
     assert p.returncode == 0 and "stage 2 already finished" in p.stderr, p.stderr[-3000:]
     line = one_line(run("cambrian_jax.train", "--config", MICRO.replace("batch=8", "batch=4"), "--workdir",
                         str(micro_run)))
-    assert "belongs to another config (data.global_batch_size: 8 recorded, 4 now; stage1.global_batch_size" in line
+    assert "belongs to another config (stage1.global_batch_size: 8 recorded, 4 now; stage2.global_batch_size" in line
 
 
 def test_generate_and_export_refuse_a_config_that_is_not_the_runs(micro_run, tmp_path):
-    other = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,connector_only"
+    other = MICRO + ",connector_only"
     out = tmp_path / "hf"
     for module, args in (("cambrian_jax.generate", ["--checkpoint", str(micro_run), "--prompt", "hi"]),
                          ("cambrian_jax.export_hf", ["--workdir", str(micro_run), "--out", str(out)])):
@@ -212,6 +214,6 @@ def test_a_mismatched_checkpoint_without_a_record_is_one_line(micro_run, tmp_pat
     old = tmp_path / "old"
     shutil.copytree(micro_run, old)
     (old / "config.json").unlink()
-    other = "configs/cambrian_tiny.py:micro,steps1=2,steps2=2,batch=8,connector_only"
+    other = MICRO + ",connector_only"
     line = one_line(run("cambrian_jax.generate", "--checkpoint", str(old), "--config", other, "--prompt", "hi"))
     assert "does not hold the parameters of this model config" in line

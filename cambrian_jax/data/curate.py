@@ -23,7 +23,6 @@ line and exit 2 (cambrian_jax/cli.py) before anything is written.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -248,7 +247,7 @@ def _load_json(path: str | None, flag: str, values: tuple[type, ...], what: str)
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m cambrian_jax.data.curate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.data.curate", description=__doc__.split("\n\n")[0])
     p.add_argument("--jsonl", action="append", required=True)
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--categories", required=True, help="JSON file {source: category}")

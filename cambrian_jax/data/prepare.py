@@ -25,7 +25,6 @@ is written.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -507,7 +506,7 @@ def format_summary(summary: dict) -> str:
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m cambrian_jax.data.prepare", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--jsonl", action="append", required=True, help="LLaVA-format JSONL (repeatable)")
     p.add_argument("--image-root", required=True, help="folder the samples' image paths are relative to")
     p.add_argument("--out", required=True, help="output folder for the shards and summary.json")

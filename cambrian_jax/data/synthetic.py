@@ -37,7 +37,6 @@ writes DIR/{train,test}.jsonl (+ caption_{train,test}.jsonl), DIR/images/…png 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
@@ -287,7 +286,7 @@ def build_tiny_tokenizer(out_dir: str, template: str = "phi3", **kwargs):
 def main(argv: list[str] | None = None) -> None:
     from cambrian_jax.data import templates  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(prog="python -m cambrian_jax.data.synthetic", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m cambrian_jax.data.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--num-train", type=int, default=6000)
     p.add_argument("--num-test", type=int, default=600)

@@ -30,7 +30,7 @@ import glob
 import io
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
