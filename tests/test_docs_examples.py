@@ -218,3 +218,12 @@ def test_the_main_job_table_is_the_real_one(main_job):
     assert rows["all"] == [round(r["accuracy"], 3), round(r["accuracy_blind"], 3), round(r["chance"], 3)], rows
     for task, v in r["per_task"].items():
         assert rows[task][:2] == [round(v["accuracy"], 3), round(v["accuracy_blind"], 3)], (task, rows[task], v)
+
+
+def test_what_the_examples_write_is_ignored_by_git():
+    """The examples write into the checkout (data/synth, eval_results/); git must not offer to commit it."""
+    written = ["data/synth/train.jsonl", "data/synth_prepared/prepare.json", "eval_results/cambrian_tiny/local/x.json"]
+    for path in written:
+        p = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+        assert p.returncode == 0, f"{path} is not ignored by .gitignore"
+    assert subprocess.run(["git", "check-ignore", "-q", "data/README.md"], cwd=REPO).returncode == 1
