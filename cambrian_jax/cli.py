@@ -66,21 +66,23 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def _existing(path: str | os.PathLike, what: str, directory: bool) -> str:
+    path = os.fspath(path)
+    if "://" in path or (os.path.isdir(path) if directory else os.path.isfile(path)):
+        return path
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path} does not exist")
+    raise InputError(f"{what} {path} is a {'file, not a directory' if directory else 'directory, not a file'}")
+
+
 def existing_dir(path: str | os.PathLike, what: str) -> str:
     """`path` if it is a directory (or a remote gs:// path), else an InputError naming it."""
-    path = os.fspath(path)
-    if "://" in path or os.path.isdir(path):
-        return path
-    state = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-    raise InputError(f"{what} {path} {state}")
+    return _existing(path, what, directory=True)
 
 
 def existing_file(path: str | os.PathLike, what: str) -> str:
-    path = os.fspath(path)
-    if "://" in path or os.path.isfile(path):
-        return path
-    state = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-    raise InputError(f"{what} {path} {state}")
+    """`path` if it is a file (or a remote gs:// path), else an InputError naming it."""
+    return _existing(path, what, directory=False)
 
 
 def open_image(path: str | os.PathLike, what: str = "image"):
