@@ -140,7 +140,14 @@ def check_or_write(workdir: str | os.PathLike, config_: ml_collections.ConfigDic
         record = {MARKER: VERSION, "config": plain(config_), "command": dict(command or {})}
         path = _path(workdir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        if "://" in str(path):          # an object store shows an object only once it is whole
+            path.write_text(text)
+        else:                           # other hosts may read it while it is written: rename into place
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
     return False
 
 
