@@ -282,11 +282,10 @@ def check_stage(setup: TrainSetup, n: int) -> StagePlan:
     from cambrian_jax.data import pipeline  # noqa: PLC0415
 
     plan = setup.plan(n)
-    data = dict(setup.config.get("data") or {})
-    data.update(dict(plan.stage.get("data") or {}))
+    data = pipeline.stage_data_config(setup.config, plan.stage)
     # Every enumerated field, here with the rest, rather than where it is first read (after compiling).
-    choices = {"data.image_mode": (data.get("image_mode", "pad"), preprocess.MODES),
-               "data.pixel_format": (data.get("pixel_format", "float32"), ("float32", "uint8")),
+    choices = {"data.image_mode": (data.image_mode, preprocess.MODES),
+               "data.pixel_format": (data.pixel_format, ("float32", "uint8")),
                f"stage{n}.schedule": (plan.stage.get("schedule", "cosine"), ("cosine",))}
     for field, (value, valid) in choices.items():
         if value not in valid:
