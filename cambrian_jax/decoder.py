@@ -51,7 +51,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from cambrian_jax.config import DecoderConfig
-from cambrian_jax.layers import Linear, RMSNorm, param
+from cambrian_jax.layers import Linear, RMSNorm, param, silu
 from cambrian_jax.sharding import constrain
 
 # Remat policies for the layer body, chosen by name from CambrianConfig.remat. 'none' = no remat.
@@ -191,7 +191,7 @@ class MLP(nnx.Module):
         self.down = Linear(f, h, ("mlp", "embed"), use_bias=False, dtype=dtype, init=init, rngs=rngs)
 
     def __call__(self, x):
-        hidden = constrain(jax.nn.silu(self.gate(x)) * self.up(x), MLP_HIDDEN)
+        hidden = constrain(silu(self.gate(x)) * self.up(x), MLP_HIDDEN)
         return checkpoint_name(constrain(self.down(hidden), HIDDEN), "mlp_out")
 
 

@@ -49,12 +49,14 @@ class PatchConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, C_in] → [B, H // p, W // p, C_out]."""
+        # float32 accumulator with the bias added before the one rounding, as torch's conv2d in bf16
+        # (see layers.Linear).
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.patch, self.patch), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

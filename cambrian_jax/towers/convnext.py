@@ -38,10 +38,13 @@ class DepthwiseConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = DWCONV_KERNEL // 2
+        # float32 accumulator with the bias added before the one rounding, as torch's conv2d in bf16
+        # (see layers.Linear).
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1), ((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-        return y + self.bias[...].astype(self.dtype)
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+            preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class ConvNeXtBlock(nnx.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cambrian_jax.config import ConfigError, TowerConfig
-from cambrian_jax.layers import LayerNorm, Linear, activation, param
+from cambrian_jax.layers import LayerNorm, Linear, activation, param, silu
 from cambrian_jax.resize import resize_grid, resize_tokens
 from cambrian_jax.sharding import constrain
 from cambrian_jax.towers import TOKENS, TOKENS_MLP, PatchConv, scan_layers, stack_layers
@@ -73,7 +73,7 @@ class SwiGLU(nnx.Module):
         self.down = Linear(hidden, width, ("tower_mlp", "tower_embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), TOKENS_MLP))
+        return self.down(constrain(silu(self.gate(x)) * self.up(x), TOKENS_MLP))
 
 
 class Block(nnx.Module):
