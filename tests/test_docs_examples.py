@@ -30,6 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +219,38 @@ def test_the_main_job_table_is_the_real_one(main_job):
     assert rows["all"] == [round(r["accuracy"], 3), round(r["accuracy_blind"], 3), round(r["chance"], 3)], rows
     for task, v in r["per_task"].items():
         assert rows[task][:2] == [round(v["accuracy"], 3), round(v["accuracy_blind"], 3)], (task, rows[task], v)
+
+
+# What "the main job learns" means, as issue thresholds: with images well above chance, without them at chance.
+LEARNED_MARGIN = 0.25     # accuracy with images >= chance + this
+BLIND_MARGIN = 0.10       # accuracy with grey images <= chance + this (the text alone must not tell)
+
+
+def test_the_main_job_learns(main_job):
+    """The README main job, as written, beats chance by LEARNED_MARGIN with images and not blind, and its
+    loss falls in both stages (metrics.jsonl): figures of the run CI makes, not timings."""
+    import json
+
+    workdir, real = main_job
+    if not real:
+        pytest.skip("CAMBRIAN_MAIN_JOB is not set: only the full main job, which CI runs, has learned")
+    r = json.loads((Path(workdir) / "eval_results.json").read_text())
+    assert r["accuracy"] >= r["chance"] + LEARNED_MARGIN, (
+        f"accuracy {r['accuracy']:.3f} < chance {r['chance']:.3f} + {LEARNED_MARGIN}: the main job no longer learns")
+    assert r["accuracy_blind"] <= r["chance"] + BLIND_MARGIN, (
+        f"blind accuracy {r['accuracy_blind']:.3f} > chance {r['chance']:.3f} + {BLIND_MARGIN}: the answers leak "
+        "through the text")
+    losses: dict[int, list[float]] = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            losses.setdefault(m["stage"], []).append(m["loss"])
+    assert sorted(losses) == [1, 2], sorted(losses)
+    # Stage 1 logs only steps 20 and 30 (log_every 20): its loss must be below a uniform guess over the
+    # vocabulary, ln V, where random weights start. Stage 2 must at least halve from its first logged step.
+    vocab = json.loads((Path(workdir) / "config.json").read_text())["config"]["model"]["decoder"]["vocab_size"]
+    assert losses[1][-1] < np.log(vocab), (losses[1], np.log(vocab))
+    assert losses[2][-1] < 0.5 * losses[2][0], losses[2]
 
 
 def test_what_the_examples_write_is_ignored_by_git():

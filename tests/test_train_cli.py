@@ -95,7 +95,7 @@ def test_record_refuses_another_config_and_accepts_where_it_runs(tmp_path):
     with pytest.raises(ConfigError) as e:
         workdir.check_or_write(tmp_path, other)
     msg = str(e.value)
-    assert "seed: 0 recorded, 1 now" in msg and "stage2.num_steps: 450 recorded, 7 now" in msg
+    assert "seed: 0 recorded, 1 now" in msg and "stage2.num_steps: 600 recorded, 7 now" in msg
     assert "\n" not in msg
     assert workdir.config(tmp_path).seed == 0
 
