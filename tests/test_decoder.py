@@ -1,6 +1,7 @@
 """Decoder parity with transformers' LlamaForCausalLM / Phi3ForCausalLM (eager attention, fp32, CPU),
 the HF converter round trip, the in-LLM aggregation hook against an unrolled loop, the KV cache and
-remat. Tolerances: logits vs HF max |Δ| ≤ 1e-4; our own equivalent computations ≤ 1e-5."""
+remat. Tolerances: logits vs HF max |Δ| ≤ 1e-5 (|logits| ≤ 3; 2.2e-6 observed); our own equivalent
+computations ≤ 1e-5."""
 import dataclasses
 
 import jax
@@ -23,7 +24,9 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 LLAMA31 = dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                       high_freq_factor=4.0, original_max_position_embeddings=32))
 B, T = 2, 16
-HF_TOL = 1e-4
+# fp32 on CPU, |logits| ≤ 3: the four parity tests below measure 1.9e-6 … 2.2e-6 (torch and XLA sum in
+# other orders); 1e-5 is ~5× that, and 10x below the error of a wrong RoPE or mask.
+HF_TOL = 1e-5
 
 
 def _state_dict(model) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
   KV cache          greedy tokens of a batch (wide image, tall image, a text-only row: padding
                     masks, the mixed static layout, ragged lengths) equal the token-by-token argmax
-                    of Cambrian's full forward, and the per-step logits agree to 1e-4
+                    of Cambrian's full forward, and the per-step logits agree to 1e-6
   compile once      another batch, other max_new_tokens, other sampling settings, another stop set:
                     no new compilation of the prefill or the decode loop
   sampling          seeded and reproducible; top-p → 0 is greedy; a row's result does not depend
@@ -149,7 +149,7 @@ def test_greedy_with_kv_cache_equals_full_forward_argmax(gen, prompts, greedy):
     assert greedy.finish_reasons == ["length"] * 3
     diff = float(np.abs(greedy.scores[:3] - ref_logits).max())
     print(f"KV-cache decode vs full forward: max |Δlogits| over {STEPS} steps = {diff:.2e}")
-    assert diff < 1e-4
+    assert diff < 1e-6      # fp32: 2.1e-7 observed (cached vs full attention sum in other orders); 5× margin
     assert (greedy.batch, greedy.prompt_len, greedy.cache_len) == (4, 128, 256)
 
 
