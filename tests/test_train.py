@@ -296,8 +296,11 @@ def _check_resharded(workdir, second, reference) -> None:
     ref = losses(reference["metrics"])
     got = losses(metrics(workdir))
     assert sorted(got)[-2:] == [(1, 3), (1, 4)]
-    for k, (loss, grad_norm) in got.items():   # other reduction orders: equal to float32 rounding
-        assert loss == pytest.approx(ref[k][0], rel=1e-5) and grad_norm == pytest.approx(ref[k][1], rel=1e-3)
+    # Other reduction orders (8 devices, data=2 × fsdp=4): equal to float32 rounding, 1e-5 relative.
+    # Observed (1 → 8 devices, test_restore_onto_another_device_count_and_mesh): loss 0 and 2.3e-7
+    # relative at steps 3 and 4, grad_norm identical at both.
+    for k, (loss, grad_norm) in got.items():
+        assert loss == pytest.approx(ref[k][0], rel=1e-5) and grad_norm == pytest.approx(ref[k][1], rel=1e-5)
     for k, v in second["params"].items():
         np.testing.assert_allclose(v, reference["params"][k], rtol=1e-4, atol=1e-6, err_msg=k)
 
