@@ -342,3 +342,109 @@ def test_data_switches_refuse_what_cannot_be_trained_on(env, tmp_path):
         P.check_stage_data(c, 2, cfg8)
     c.model.image_position = found
     P.check_stage_data(c, 2, from_dict(c.model))
+
+
+# ------------------------------------------------------------- group_by_modality against the reference's grouping
+
+def _reference_grouped(signed_lengths, megabatch, perm):
+    """Cambrian's get_modality_length_grouped_indices (cambrian/train/cambrian_trainer.py, from LLaVA):
+    lengths > 0 image samples, < 0 text; megabatch = world_size · batch_size (one global batch); its
+    torch.randperm calls are `perm(n)`. With the rows of a megabatch on one device,
+    split_to_even_chunks(megabatch, lengths, 1) is the megabatch itself."""
+    def length_grouped(idx, lens):           # get_length_grouped_indices
+        order = perm(len(idx))
+        chunks = [order[i:i + megabatch] for i in range(0, len(idx), megabatch)]
+        return [idx[i] for c in chunks for i in sorted(c, key=lambda i: lens[i], reverse=True)]
+
+    mm = [i for i, x in enumerate(signed_lengths) if x > 0]
+    lang = [i for i, x in enumerate(signed_lengths) if x < 0]
+    mm_s = length_grouped(mm, [signed_lengths[i] for i in mm])
+    lang_s = length_grouped(lang, [-signed_lengths[i] for i in lang])
+    mm_mb = [mm_s[i:i + megabatch] for i in range(0, len(mm_s), megabatch)]
+    lang_mb = [lang_s[i:i + megabatch] for i in range(0, len(lang_s), megabatch)]
+    additional = mm_mb[-1] + lang_mb[-1]
+    mbs = mm_mb[:-1] + lang_mb[:-1]
+    mbs = [mbs[i] for i in perm(len(mbs))]
+    if additional:
+        mbs.append(sorted(additional))
+    return [i for m in mbs for i in m]
+
+
+def _hand_built(n=53, seed=2):
+    """Modality and word lengths of n records, lengths with ties; neither modality fills whole global
+    batches, and their leftovers (6 + 7) fill one more."""
+    rng = np.random.default_rng(seed)
+    modality = rng.random(n) < 0.6
+    lengths = rng.integers(1, 12, n)
+    assert (modality.sum() % GB, (~modality).sum() % GB) == (6, 7)
+    return modality, lengths
+
+
+def test_grouped_order_is_the_references_without_shuffling():
+    modality, lengths = _hand_built()
+    order = P.GlobalOrder(len(modality), GB, shuffle=False, modality=modality, lengths=lengths)
+    ours = [order(i) for i in range(order.epoch_len)]
+    signed = [int(x) if m else -int(x) for m, x in zip(modality, lengths)]
+    ref = _reference_grouped(signed, GB, lambda n: list(range(n)))
+    full = (modality.sum() // GB + (~modality).sum() // GB) * GB
+    assert len(ours) == order.epoch_len == len(modality) // GB * GB > full
+    assert ours[:full] == ref[:full]                   # every full megabatch, row for row
+    # The tail: the two modalities' leftovers, mixed (the reference sorts them by index; we keep the
+    # batch they fill, the rest waits for the next epoch).
+    assert set(ours[full:]) < set(ref[full:]) and len(ours[full:]) == GB
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_order_has_the_references_properties(seed):
+    """Shuffled: each epoch a partition of its records into megabatches of one modality, each sorted by
+    length, longest first, in random order; different every epoch."""
+    modality, lengths = _hand_built()
+    order = P.GlobalOrder(len(modality), GB, seed=seed, modality=modality, lengths=lengths, num_epochs=3)
+    n_img, n_txt = int(modality.sum()), int((~modality).sum())
+    full = n_img // GB + n_txt // GB
+    epochs = []
+    for e in range(3):
+        rows = np.array([order(e * order.epoch_len + i) for i in range(order.epoch_len)])
+        assert len(set(rows.tolist())) == len(rows)                       # no record twice in an epoch
+        mbs = rows.reshape(-1, GB)
+        kinds = []
+        for mb in mbs[:full]:
+            assert len(set(modality[mb].tolist())) == 1                   # one modality
+            assert (np.diff(lengths[mb]) <= 0).all(), lengths[mb]         # sorted, longest first
+            kinds.append(bool(modality[mb[0]]))
+        assert kinds.count(True) == n_img // GB and kinds.count(False) == n_txt // GB
+        epochs.append((rows.tolist(), kinds))
+    assert len({tuple(r) for r, _ in epochs}) == 3                        # reshuffled every epoch
+    # The megabatches' order is random too, as the reference's torch.randperm over them: not all image
+    # megabatches first.
+    assert any(k != sorted(k, reverse=True) for _, k in epochs)
+
+
+def test_grouped_batches_are_sorted_by_word_length(env):
+    """Through the pipeline: each batch's rows (by their record index) in the order of prepare's lengths."""
+    from cambrian_jax.data import records
+
+    lengths = np.array([records.word_length(s["conversations"]) for s in env["samples"]])
+    for b in _make(env, group_by_modality=True, num_epochs=2):
+        assert (np.diff(lengths[b["index"]]) <= 0).all(), lengths[b["index"]]
+        assert len(set(b["has_image"].tolist())) == 1
+
+
+def test_restore_with_another_worker_count(env):
+    """The iterator state is one row number: restored from 0 grain workers into 2, and from those 2
+    (which prefetch ahead of what they have handed out) back into 0, the batches are those of one
+    uninterrupted in-process run. One start of the worker processes (~13 s on 2 busy cores)."""
+    reference = list(_make(env, num_epochs=2))
+    inline = _make(env, num_epochs=2)
+    got = _take(inline, 3)
+    workers = _make(env, num_epochs=2, worker_count=2)
+    workers.set_state(json.loads(json.dumps(inline.get_state())))
+    got += _take(workers, 3)
+    state = json.loads(json.dumps(workers.get_state()))
+    workers.close()
+    again = _make(env, num_epochs=2)
+    again.set_state(state)
+    got += list(again)
+    assert len(got) == len(reference) == 12
+    for a, b in zip(got, reference):
+        _same(a, b)
