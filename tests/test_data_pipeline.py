@@ -389,8 +389,9 @@ def test_grouped_order_is_the_references_without_shuffling():
     full = (modality.sum() // GB + (~modality).sum() // GB) * GB
     assert len(ours) == order.epoch_len == len(modality) // GB * GB > full
     assert ours[:full] == ref[:full]                   # every full megabatch, row for row
-    # The tail: the two modalities' leftovers, mixed (the reference sorts them by index; we keep the
-    # batch they fill, the rest waits for the next epoch).
+    # The tail: the two modalities' leftovers, mixed. The reference appends all of them, sorted by
+    # index; here only the one global batch they fill, in their megabatch order (an epoch ends on a
+    # batch boundary, the last 5 are left out of it).
     assert set(ours[full:]) < set(ref[full:]) and len(ours[full:]) == GB
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,79 @@ def test_a_real_run_evaluated_on_a_local_benchmark(tmp_path, monkeypatch):
         assert float(row[key]) == res[key]
     for task, v in res["per_task"].items():
         assert float(row[task]) == v["accuracy"] and float(row[f"{task}_blind"]) == v["accuracy_blind"]
+
+
+# ------------------------------------------------------------------------------------------ the real child
+
+def _children(run_dir: Path) -> list[int]:
+    """Live (not zombie) processes whose command line is the study's `--run-one run_dir` child."""
+    target = str(run_dir.resolve()).encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"--run-one" in cmd and target in cmd and state != "Z":
+            pids.append(int(p.name))
+    return pids
+
+
+def test_a_real_child_past_the_timeout_is_killed_and_recorded(tmp_path, capsys):
+    """The real launch: the child (a micro run, minutes of compiling) is stopped at --timeout 3 s."""
+    t0 = time.time()
+    rows = study.run_study(MICRO, str(tmp_path), sweeps=["steps2=1"], sets=[EVAL], timeout=3)
+    wall = time.time() - t0
+    run_dir = tmp_path / "steps2=1"
+    assert wall < 60                                  # not the whole run: ~2 min of compiling and training
+    assert not _children(run_dir)                     # killed, not left running
+    assert rows[0]["status"] == "failed (exit 124)"
+    assert _read_csv(tmp_path / "study.csv")[0]["status"] == "failed (exit 124)"
+    attempts = json.loads((run_dir / "study_run.json").read_text())["attempts"]
+    assert [a["rc"] for a in attempts] == [124] and 3 <= attempts[0]["wall_s"] < 60
+    assert (run_dir / "train.log").read_text().rstrip().endswith("=== stopped after --timeout 3 s")
+    assert not (run_dir / "eval_results.json").exists()
+    assert "steps2=1: failed (exit 124)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_real_run_stopped_mid_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM to the real child during stage 1 (40 steps): it checkpoints and exits 75; the study
+    re-run resumes the run from that checkpoint instead of restarting it (~2 min on 2 cores)."""
+    import signal
+    import threading
+
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+    args = dict(sweeps=["steps1=40"], sets=[EVAL, "config.log_every=1"])
+    run_dir = tmp_path / "steps1=40"
+
+    def stage1_steps() -> list[int]:
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(x)["step"] for x in lines if x.strip() and json.loads(x)["stage"] == 1]
+
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(rows=study.run_study(MICRO, str(tmp_path), **args)))
+    thread.start()
+    deadline = time.time() + 600
+    while thread.is_alive() and not stage1_steps() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = _children(run_dir)
+    assert len(pids) == 1 and stage1_steps(), "the child never reached its first step"
+    os.kill(pids[0], signal.SIGTERM)
+    thread.join(600)
+    assert first["rows"][0]["status"] == "stopped (SIGTERM)"
+    k = stage1_steps()[-1]
+    assert 1 <= k < 40 and stage1_steps() == list(range(1, k + 1))
+    assert (run_dir / "stage1" / str(k)).is_dir() and not (run_dir / "eval_results.json").exists()
+
+    rows = study.run_study(MICRO, str(tmp_path), **args)
+    assert rows[0]["status"] == "ok"
+    log = (run_dir / "train.log").read_text()
+    assert f"stage 1: resumed from the checkpoint at step {k}" in log
+    assert stage1_steps() == list(range(1, 41))       # steps k+1 … 40 follow k: nothing trained twice
+    assert [a["rc"] for a in json.loads((run_dir / "study_run.json").read_text())["attempts"]] == [75, 0]
+    assert int(_read_csv(tmp_path / "study.csv")[0]["s1_steps"]) == 40
