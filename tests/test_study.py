@@ -1,8 +1,9 @@
 """The study runner (cambrian_jax.study): its plan, its value parsing, its table, resuming and failures.
 
 The fast tests replace the child process by a fake that writes what a run writes (eval_results.json,
-metrics.jsonl), so the plan, the table and the skip/failure logic are checked in milliseconds; the
-slow test trains two real `micro` runs end to end in child processes.
+metrics.jsonl), so the plan, the table and the skip/failure logic are checked in milliseconds. The
+real child: one killed at --timeout (seconds); the slow tests train real `micro` runs end to end in
+child processes, and stop one mid-stage with SIGTERM to resume it.
 """
 from __future__ import annotations
 
