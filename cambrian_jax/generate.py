@@ -61,6 +61,10 @@ from cambrian_jax.connector import aggregate
 
 log = logging.getLogger(__name__)
 
+# Sampling keys are threefry whatever jax_default_prng_impl says: a batch of threefry keys under vmap
+# draws what each key draws alone, while rbg / unsafe_rbg keys (the tiny configs' prng_impl) draw bits
+# that depend on the whole batch, so a row's sample would change with the other rows.
+KEY_IMPL = "threefry2x32"
 MAX_STOP_IDS = 8          # stop ids are passed as a fixed-size array (padded with -1): no recompiles
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -120,24 +124,41 @@ def round_up(n: int, multiple: int) -> int:
 
 # ---------------------------------------------------------------------------------------- sampling
 
+def nucleus_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """float32 logits [B, V] / temperature with every token outside the top-p nucleus at -inf: what
+    Hugging Face's TemperatureLogitsWarper then TopPLogitsWarper (transformers
+    generation/logits_process.py) give, the warpers the reference's generate(do_sample=True) applies.
+
+    As TopPLogitsWarper: tokens sorted by ascending probability, a token is removed when the
+    cumulative probability up to and including it is <= 1 - top_p, and the most likely token always
+    stays (min_tokens_to_keep=1). top_p = 1 keeps every token (generate() adds no top-p warper then).
+    """
+    x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(x, axis=-1)                  # ascending, ties in index order
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1), axis=-1)
+    drop_sorted = (cum <= 1 - top_p) & (top_p < 1.0)
+    drop_sorted = drop_sorted.at[:, -1].set(False)   # the most likely token
+    rows = jnp.arange(x.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, x)
+
+
+def row_keys(seed: int, row_seeds) -> jax.Array:
+    """The sampling key of each row: fold_in(key(seed), row_seed), threefry (KEY_IMPL)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed, impl=KEY_IMPL),
+                                                         jnp.asarray(row_seeds, jnp.uint32))
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """Next token per row from float32 logits [B, V]: argmax when temperature <= 0, else a draw from
-    softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of most likely
-    tokens whose mass reaches top_p; the most likely token is always kept)."""
+    softmax(nucleus_logits(logits, temperature, top_p)) with the row's key."""
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-        order = jnp.argsort(-x, axis=-1)
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        drop = (mass_before >= top_p) & (top_p < 1.0)
-        sorted_x = jnp.where(drop, -jnp.inf, sorted_x)
-        pick = jax.vmap(jax.random.categorical)(keys, sorted_x)
-        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        x = nucleus_logits(logits, temperature, top_p)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
     return jax.lax.cond(temperature <= 0, greedy, draw, None)
 
@@ -174,7 +195,7 @@ def _decode(graphdef, output_scores: bool, state, cache, logits, positions, done
     extended by one slot per step), until max_new tokens or every row is done. Compiled once per
     (batch, cache length): max_new, temperature, top_p, stop ids and pad id are traced values."""
     dec = nnx.merge(graphdef, state).decoder
-    keys = jax.random.wrap_key_data(key_data)
+    keys = jax.random.wrap_key_data(key_data, impl=KEY_IMPL)
     b, s = cache.mask.shape
     out = jnp.full((b, s), pad_id, jnp.int32)
     count = jnp.zeros((b,), jnp.int32)
@@ -618,8 +639,7 @@ class Generator:
         inactive[:n] = False if active is None else ~np.asarray(active, bool)
         seeds = np.zeros(rows, np.uint32)
         seeds[:n] = np.arange(n) if row_seeds is None else np.asarray(row_seeds)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.asarray(seeds))
-        key_data = np.asarray(jax.random.key_data(keys))
+        key_data = np.asarray(jax.random.key_data(row_keys(sampling.seed, seeds)))
         stop = np.full(MAX_STOP_IDS, -1, np.int32)
         stop[:len(self.stop_ids)] = self.stop_ids
 
