@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cambrian_jax import study
+from cambrian_jax import study, workdir
 from cambrian_jax.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_two_real_runs_train_evaluate_and_resume(tmp_path, monkeypatch, capsys):
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert int(r["s1_steps"]) == 1 and int(r["s2_steps"]) == int(r["steps2"])
         assert float(r["s2_loss"]) == [m["loss"] for m in metrics if m["stage"] == 2][-1]
-        assert json.loads((run_dir / "config.json").read_text())["stage2"]["num_steps"] == int(r["steps2"])
+        assert workdir.config(run_dir).stage2.num_steps == int(r["steps2"])     # the run record
     assert list((tmp_path / "xla_cache").iterdir())       # the children shared their compiled programs
     monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("a finished run started again"))
     study.run_study(MICRO, str(tmp_path), **args)
