@@ -4,6 +4,7 @@ Nothing here compiles a model: the checks run on abstract shapes (nnx.eval_shape
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -213,15 +214,46 @@ def test_stage_two_alone_needs_a_finished_stage_one(tmp_path):
         t.run_stage(2)
 
 
-def test_trained_convnext_with_tensor_parallelism_is_refused():
-    class Mesh:
-        shape = {"data": 1, "fsdp": 2, "tensor": 2}
-    paths = ["towers/0/blocks/attn/q/kernel", "towers/1/stages/0/blocks/dwconv/kernel", "connector/x"]
-    with pytest.raises(ConfigError, match=r"stage2\.trainable: ConvNeXt tower\(s\) 1 .* tensor=2"):
-        sharding.check_trained_towers(["clip", "convnext"], paths, Mesh, "stage2.trainable")
-    sharding.check_trained_towers(["clip", "convnext"], paths[::2], Mesh, "stage2.trainable")   # frozen: fine
-    Mesh.shape = {"data": 1, "fsdp": 4, "tensor": 1}
-    sharding.check_trained_towers(["clip", "convnext"], paths, Mesh, "stage2.trainable")
+TOWER_MESH_SCRIPT = """
+import json, sys
+from cambrian_jax.trainer import Trainer
+from configs import cambrian_tiny, common
+out = {}
+for name, mesh, trainable in (("frozen", dict(fsdp=2, tensor=2), [common.CONNECTOR, common.DECODER, "^towers/0/"]),
+                              ("tensor1", dict(fsdp=4, tensor=1), None)):
+    c = cambrian_tiny.get_config(sys.argv[1])
+    c.mesh.update(mesh)
+    if trainable:
+        c.stage2.trainable = trainable
+    t = Trainer(c, f"{sys.argv[2]}/{name}")
+    t.close()
+    out[name] = dict(mesh=dict(t.mesh.shape), towers=sorted({p.split("/")[1] for p in t.plans[2].trainable_paths
+                                                            if p.startswith("towers/")}))
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_trained_convnext_with_tensor_parallelism_is_refused(tmp_path):
+    """On a real 4-device mesh (data=1 × fsdp=2 × tensor=2): the trainer refuses a trainable ConvNeXt
+    tower before writing or compiling anything (CLI exit 2, one line), and accepts the same mesh with
+    ConvNeXt frozen (the CLIP tower still trained) and a trained ConvNeXt with tensor=1."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    switches = "towers=clip+convnext,steps1=1,steps2=1,batch=8"      # stage 2 trains both towers
+    p = subprocess.run([sys.executable, "-m", "cambrian_jax.train", f"--config=configs/cambrian_tiny.py:{switches}",
+                        "--config.mesh.fsdp=2", "--config.mesh.tensor=2", f"--workdir={tmp_path / 'refused'}"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip() == ("error: config field stage2.trainable: ConvNeXt tower(s) 1 are trainable on a mesh "
+                                "with tensor=2, where XLA computes their depthwise-convolution gradients 2x too "
+                                "large; freeze them in this stage or use mesh.tensor=1"), p.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+    p = subprocess.run([sys.executable, "-c", TOWER_MESH_SCRIPT, switches, str(tmp_path)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "RESULT" in p.stdout, p.stderr[-3000:]
+    got = json.loads(p.stdout.split("RESULT", 1)[1])
+    assert got == {"frozen": {"mesh": {"data": 1, "fsdp": 2, "tensor": 2}, "towers": ["0"]},
+                   "tensor1": {"mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "towers": ["0", "1"]}}
 
 
 def test_batch_errors_say_what_would_work():
