@@ -8,10 +8,11 @@ mesh axes with the rules table in the config. The names used across the project:
               aggregators (the stacked in-LLM aggregators)
   towers      tower_embed, tower_mlp, tower_layers
 
-Modules create their parameters in float32 (training keeps them so); `dtype` is the compute dtype, and
-`pretrained.load_pretrained(dtype=...)` stores loaded weights in that dtype for inference. Normalisations and softmax run in
-float32 whatever the compute dtype; activations, and a biased projection's bias add, run in float32
-and are rounded to the compute dtype once, as torch's bf16 kernels round them.
+Modules create their parameters in float32 (training keeps them so); `dtype` is the compute dtype,
+and `pretrained.load_pretrained(dtype=...)` stores loaded weights in that dtype for inference.
+Normalisations and softmax run in float32 whatever the compute dtype; activations, and a biased
+projection's bias add, run in float32 and are rounded to the compute dtype once, as torch's bf16
+kernels round them.
 """
 from __future__ import annotations
 
