@@ -72,9 +72,8 @@ from cambrian_jax.generate import Generator, Sampling
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from tests.test_checkpoints import (Geometry, ref_mask, reference_logits, reference_pixels, released,  # noqa: E402,F401
-                                    tower_dirs, window_masks_of, windows_of)
+                                    tower_dirs, tower_features_ref, window_masks_of, windows_of)
 
-F = torch.nn.functional
 BF16 = torch.bfloat16
 
 RATIO_MAX = 1.5
@@ -173,43 +172,6 @@ def reference_runs(model) -> dict:
     return {"bf16": cast_parameters(model), "fp32": model, "fp32r": cast_parameters(model, round_only=True)}
 
 
-def nchw(x, dtype):
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dtype)
-
-
-def resize_ref(tokens, side):
-    """Cambrian's feature interpolation: bilinear in float32, cast back (ClipVisionTower.interpolate)."""
-    b, n, c = tokens.shape
-    g = math.isqrt(n)
-    if g == side:
-        return tokens
-    grid = tokens.reshape(b, g, g, c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False).to(tokens.dtype)
-    return grid.permute(0, 2, 3, 1).reshape(b, side * side, c)
-
-
-def reference_features(kind, model, pixels, side):
-    """What the reference takes from each tower, in the model's dtype (a torch tensor): CLIP's
-    hidden_states[-2] without the class token, SigLIP's and DINOv2's last_hidden_state (DINOv2 without
-    the class token), ConvNeXt's four stage maps (cambrian/model/multimodal_encoder/clip_encoder.py,
-    siglip_encoder.py, dino_encoder.py, clip_convnext_encoder.py), resized to side×side."""
-    dtype = next(model.parameters()).dtype
-    x = nchw(np.array(pixels), dtype)
-    with torch.no_grad():
-        if kind == "clip":
-            h = model(x, output_hidden_states=True).hidden_states[-2][:, 1:]
-        elif kind == "siglip":
-            h = model(x).last_hidden_state
-        elif kind == "dinov2":
-            h = model(x).last_hidden_state[:, 1:]
-        else:
-            maps = model(x, output_hidden_states=True).hidden_states[1:5]
-            grid = torch.cat([F.interpolate(m.float(), size=(side, side), mode="bilinear",
-                                            align_corners=False).to(dtype) for m in maps], dim=1)
-            return grid.permute(0, 2, 3, 1).reshape(grid.shape[0], side * side, grid.shape[1])
-        return resize_ref(h, side)
-
-
 # ------------------------------------------------------------------------------------------ towers
 
 @pytest.fixture(scope="module")
@@ -237,7 +199,7 @@ def test_tower_bf16_error_is_the_references(towers, kind, shape):
     # bf16 runs round the pixels themselves (before the patch conv); fp32r gets them rounded.
     inputs = {"bf16": px, "fp32": px, "fp32r": bf16_round(px)}
     compare(f"tower {kind}", shape, {r: ours[r](inputs[r]) for r in RUNS},
-            {r: reference_features(kind, ref[r], inputs[r], side).float().numpy() for r in RUNS})
+            {r: tower_features_ref(kind, ref[r], inputs[r], side).float().numpy() for r in RUNS})
 
 
 # ------------------------------------------------------------------------------------------ decoder
@@ -357,7 +319,7 @@ def test_connector_bf16_error_is_the_references(models, connectors, towers, rele
     for kind in released["kinds"]:
         tcfg, _, tower_ref, side = towers[kind]
         px = np.stack([preprocess.preprocess(im, tcfg) for im in imgs])
-        feats.append(reference_features(kind, tower_ref["fp32"], px, side))
+        feats.append(tower_features_ref(kind, tower_ref["fp32"], px, side))
     inputs = {"bf16": [f.to(BF16) for f in feats], "fp32": feats, "fp32r": [f.to(BF16).float() for f in feats]}
     size = SHAPES[shape]
     ours_masks = [np.tile(m, (INPUTS, 1)) for m in preprocess.image_masks(size, cfg.towers, cfg.connector.grid)[0]]
@@ -383,7 +345,7 @@ def reference_model_logits(llm, ref_towers, kinds, image, ids, run):
     feats = []
     for kind in kinds:
         tcfg, _, tower_ref, side = ref_towers[kind]
-        feats.append(reference_features(kind, tower_ref[run], reference_pixels(image, kind, tcfg.image_size), side))
+        feats.append(tower_features_ref(kind, tower_ref[run], reference_pixels(image, kind, tcfg.image_size), side))
     return reference_logits(llm, feats, image.size, ids)
 
 

@@ -82,8 +82,8 @@ def save_sharded(tensors, folder, shards: int) -> None:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
 
 
-def nchw(x: np.ndarray):
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+def nchw(x: np.ndarray, dtype=torch.float32):
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dtype).contiguous()
 
 
 def decoder_logits(dec, ids):
@@ -191,18 +191,23 @@ TOWER_MODELS = {
 
 
 def resize_tokens_ref(tokens, side):
+    """Cambrian's feature interpolation: bilinear in float32, cast back (ClipVisionTower.interpolate)."""
     b, n, c = tokens.shape
     g = math.isqrt(n)
     if g == side:
         return tokens
-    grid = F.interpolate(tokens.reshape(b, g, g, c).permute(0, 3, 1, 2), size=(side, side), mode="bilinear",
-                         align_corners=False)
+    grid = F.interpolate(tokens.reshape(b, g, g, c).permute(0, 3, 1, 2).float(), size=(side, side),
+                         mode="bilinear", align_corners=False).to(tokens.dtype)
     return grid.permute(0, 2, 3, 1).reshape(b, side * side, c)
 
 
 def tower_features_ref(kind, model, pixels, side):
-    """What the reference takes from each tower (spec §2.1), resized to side×side."""
-    x = nchw(pixels)
+    """What the reference takes from each tower, in the model's dtype: CLIP's hidden_states[-2] without
+    the class token, SigLIP's and DINOv2's last_hidden_state (DINOv2 without the class token),
+    ConvNeXt's four stage maps (cambrian/model/multimodal_encoder/clip_encoder.py, siglip_encoder.py,
+    dino_encoder.py, clip_convnext_encoder.py), resized to side×side in float32."""
+    dtype = next(model.parameters()).dtype
+    x = nchw(pixels, dtype)
     with torch.no_grad():
         if kind == "clip":
             h = model(x, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -212,8 +217,8 @@ def tower_features_ref(kind, model, pixels, side):
             h = model(x).last_hidden_state[:, 1:]
         else:
             maps = model(x, output_hidden_states=True).hidden_states[1:5]
-            grid = torch.cat([F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
-                              for m in maps], dim=1)
+            grid = torch.cat([F.interpolate(m.float(), size=(side, side), mode="bilinear",
+                                            align_corners=False).to(dtype) for m in maps], dim=1)
             return grid.permute(0, 2, 3, 1).reshape(grid.shape[0], side * side, grid.shape[1])
     return resize_tokens_ref(h, side)
 
