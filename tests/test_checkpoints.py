@@ -83,7 +83,8 @@ def save_sharded(tensors, folder, shards: int) -> None:
 
 
 def nchw(x: np.ndarray, dtype=torch.float32):
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dtype).contiguous()
+    """NHWC pixels (numpy or jax, read-only or not) as a writable NCHW torch tensor of `dtype`."""
+    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).to(dtype).contiguous()
 
 
 def decoder_logits(dec, ids):
