@@ -1,26 +1,35 @@
-"""Will it fit? The real training step compiled ahead of time for a topology this machine only simulates.
+"""Will it fit, and how fast? The real training step compiled ahead of time for a slice this machine
+does not have.
 
     python -m cambrian_jax.plan --config configs/cambrian_34b.py --topology v4-512 [--stage 1|2]
-        [--json] [--search] [--mfu 0.4]
+        [--json] [--search] [--compiler auto|tpu|cpu] [--mfu 0.4]
 
 The step is the trainer's own (trainer.TrainSetup: same parameter tree, shardings, optimizer, remat
 policy, accumulation and jitted function), lowered with abstract inputs — ShapeDtypeStructs carrying
-their shardings, so no weight is ever allocated — and compiled on as many simulated CPU devices as
-the topology has chips. Per device it reports:
+their shardings, so no weight is ever allocated — and compiled by one of two compilers:
+
+  tpu            the TPU compiler itself (libtpu, `pip install -e '.[tpu]'`) on compile-only devices of
+                 the slice (topology.compile_only_devices), with the LIBTPU_INIT_ARGS the pod runs with
+                 (topology.LIBTPU_FLAGS). Memory is the TPU compiler's; the step time is its roofline
+                 (`optimal_seconds`) with every loop body counted by its trip count (compiled_cost.py),
+                 raw and multiplied by the chip's calibration factor (CALIBRATION, docs/planning.md)
+  cpu-estimate   as many simulated CPU devices as the slice has chips: the CPU compiler's temporaries
+                 are an estimate of the accelerator's (other layouts, fusions, collectives there), and
+                 the step time is the analytic FLOPs at an assumed MFU (--mfu)
+
+`--compiler auto` (the default) takes the TPU compiler for TPU slices when libtpu is installed. Per
+device it reports:
 
   parameters, optimizer state, gradients, batch   exact: each array's shard under its sharding
-  activations / temporaries                       XLA's CPU-compiled temporary buffers less the
-                                                  gradients: an estimate of the TPU/GPU figure
-                                                  (other layouts, fusions and collectives there)
+  activations / temporaries                       the compiler's temporary buffers less the gradients
   total                                           arguments + unaliased outputs + temporaries
 
 against the chip's HBM (cambrian_jax/topology.py), with the analytic FLOPs of a step (cambrian_jax/
-flops.py, the trainer's MFU formula) and the step time and tokens/s they predict at an assumed MFU.
-A plan that does not fit says which part is over and which knobs (accumulation, remat policy,
-tensor/fsdp degrees, batch) would help, and exits 3 (2: a request it cannot plan, such as a config
-error or an unknown topology: one line, before anything compiles); --search compiles candidate
-settings and prints, as config overrides, the one that fits with the smallest tensor degree, then
-the least recomputation, then the fewest accumulation steps.
+flops.py, the trainer's MFU formula) and the MFU the predicted time implies. A plan that does not fit
+says which part is over and which knobs (accumulation, remat policy, tensor/fsdp degrees, batch) would
+help, and exits 3 (2: a request it cannot plan, such as a config error, an unknown topology or a mesh
+that does not divide the slice: one line, before anything compiles); --search compiles candidate
+settings, prints a table of them and the one that fits with the shortest predicted step.
 
 `--workdir W` plans the run recorded in W/config.json (what `train` wrote) instead of --config.
 """
@@ -42,6 +51,12 @@ from cambrian_jax import topology
 FLAGS = flags.FLAGS
 GiB = 2 ** 30
 PARTS = ("parameters", "optimizer", "gradients", "batch", "activations")
+COMPILERS = ("auto", "tpu", "cpu")
+
+# Published step time ÷ the TPU compiler's raw prediction, per chip generation, from our decoder
+# compiled at the shapes of published MaxText runs (benchmarks/calibrate_tpu.py; docs/planning.md has
+# the table). The roofline assumes perfect overlap and no host or input time, so it is optimistic.
+CALIBRATION: dict[str, float] = {}
 
 
 # ------------------------------------------------------------------------------------------ one plan
@@ -65,11 +80,16 @@ class StageReport:
     recompute_flops_per_step: float
     predicted_step_time_s: float
     tokens_per_s: float
-    mfu_assumed: float
-    mfu_predicted: float
+    mfu_assumed: float | None                # cpu-estimate: the MFU the step time assumes
+    mfu_predicted: float                     # model FLOPs ÷ predicted step time ÷ the slice's peak
     compile_s: float
-    xla_memory: dict[str, int]               # memory_analysis() as compiled on CPU
+    xla_memory: dict[str, int]               # memory_analysis() of the compiled step
     advice: list[str]
+    compiler: str = "cpu-estimate"           # "tpu": libtpu's compiler made every figure
+    compiler_version: str = ""
+    predicted_step_time_raw_s: float | None = None   # tpu: the compiler's roofline, loops counted
+    calibration: float | None = None                 # tpu: the factor applied to the raw prediction
+    cost: dict[str, Any] | None = None               # tpu: compiled_cost.ProgramCost per device
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,17 +136,47 @@ def simulated_mesh(config, topo: topology.Topology):
     return sharding.make_mesh(dict(config.mesh), devices[:topo.chips])
 
 
-def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, setup=None) -> StageReport:
+def tpu_mesh(config, topo: topology.Topology):
+    """The config's mesh over compile-only devices of the slice, laid out along its ICI links."""
+    import jax  # noqa: PLC0415
+    from cambrian_jax import sharding  # noqa: PLC0415
+
+    devices = topology.compile_only_devices(topo)
+    shape = sharding.mesh_shape(dict(config.mesh), len(devices))
+    return jax.sharding.Mesh(topology.mesh_devices(topo, shape, devices), sharding.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def resolve_compiler(requested: str, topo: topology.Topology) -> str:
+    """'tpu' or 'cpu' for --compiler auto|tpu|cpu; ValueError (one sentence) when tpu cannot be had."""
+    if requested not in COMPILERS:
+        raise ValueError(f"--compiler {requested!r}: expected one of {', '.join(COMPILERS)}")
+    if requested == "cpu":
+        return "cpu"
+    available = topo.is_tpu and topology.tpu_compiler_version() is not None
+    if requested == "tpu" and not available:
+        raise ValueError(f"--compiler tpu: {topo.name} is not a TPU slice" if not topo.is_tpu else
+                         "--compiler tpu: libtpu is not installed (pip install -e '.[tpu]'); --compiler cpu "
+                         "gives the CPU compiler's estimate")
+    return "tpu" if available else "cpu"
+
+
+def planning_mesh(config, topo: topology.Topology, compiler: str):
+    return tpu_mesh(config, topo) if compiler == "tpu" else simulated_mesh(config, topo)
+
+
+def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, setup=None,
+               compiler: str = "cpu") -> StageReport:
     """Compile stage n's training step for `topo` and account for its memory, FLOPs and time."""
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from cambrian_jax import flops, sharding  # noqa: PLC0415
+    from cambrian_jax import compiled_cost, flops, sharding  # noqa: PLC0415
     from cambrian_jax.data.pipeline import batch_spec  # noqa: PLC0415
     from cambrian_jax.trainer import TrainSetup  # noqa: PLC0415
 
     if setup is None:
-        setup = TrainSetup(config, simulated_mesh(config, topo), process_count=topo.hosts)
+        setup = TrainSetup(config, planning_mesh(config, topo, compiler), process_count=topo.hosts)
     plan = setup.plan(n)
     program = setup.program(plan, total_steps=int(plan.stage.get("num_steps") or 1000))
     gb, accum = int(plan.stage.global_batch_size), int(plan.stage.accum_steps)
@@ -153,8 +203,15 @@ def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, set
     seq_len = spec["input_ids"][0][1]
     flops_step = flops.train_flops_per_step(setup.model_cfg, gb, plan.trainable_paths, seq_len)
     recompute = gb * flops.recompute_flops_per_sample(setup.model_cfg, seq_len)
-    # Recomputed FLOPs run at the same rate as model FLOPs: they cost time but are not model work.
-    step_time = (flops_step + recompute) / (topo.peak_flops * mfu)
+    cost, raw, factor = None, None, None
+    if compiler == "tpu":
+        cost = compiled_cost.program_cost(compiled, topo.chip.peak_flops, topo.chip.hbm_bandwidth)
+        raw = cost.seconds
+        factor = CALIBRATION.get(topo.chip.name)
+        step_time = raw * (factor or 1.0)
+    else:
+        # Recomputed FLOPs run at the same rate as model FLOPs: they cost time but are not model work.
+        step_time = (flops_step + recompute) / (topo.peak_flops * mfu)
     dp = sharding.data_parallel_size(setup.mesh)
     report = StageReport(
         stage=n, mesh=dict(setup.mesh.shape), remat=setup.model_cfg.remat, fits=per_device["total"] <= topo.hbm_bytes,
@@ -163,8 +220,12 @@ def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, set
         replicated_parameter_bytes=sum(b for *_, b in whole), global_batch=gb,
         accum_steps=accum, rows_per_device=gb // (dp * accum), seq_len=seq_len, flops_per_step=flops_step,
         recompute_flops_per_step=recompute, predicted_step_time_s=step_time, tokens_per_s=gb * seq_len / step_time,
-        mfu_assumed=mfu, mfu_predicted=mfu * flops_step / (flops_step + recompute), compile_s=compile_s,
-        xla_memory=xla, advice=[])
+        mfu_assumed=None if compiler == "tpu" else mfu, mfu_predicted=flops_step / (step_time * topo.peak_flops),
+        compile_s=compile_s, xla_memory=xla, advice=[],
+        compiler="tpu" if compiler == "tpu" else "cpu-estimate",
+        compiler_version=(f"libtpu {topology.tpu_compiler_version()}" if compiler == "tpu"
+                          else f"jaxlib {jax.__version__} (CPU)"),
+        predicted_step_time_raw_s=raw, calibration=factor, cost=cost.to_json() if cost else None)
     if not report.fits:
         report.advice = advise(report, config, setup, topo, whole)
     return report
@@ -275,13 +336,15 @@ class Budget(Exception):
 
 
 def search(config, topo: topology.Topology, stages: Sequence[int], *, mfu: float, max_compiles: int,
-           log=print) -> tuple[Candidate | None, dict[int, StageReport]]:
-    """The setting that fits with, in order of preference: the smallest tensor degree (tensor
-    parallelism costs communication the FLOP model does not see), the least recomputation (the fastest
-    predicted step), the fewest accumulation steps (the largest micro-batches).
+           compiler: str = "cpu", log=print) -> tuple[Candidate | None, dict[int, StageReport], list[dict]]:
+    """Among the settings that fit, the one with the shortest predicted run (Σ over stages of num_steps ×
+    predicted step time); ties go to the smaller tensor degree, then less recomputation, then fewer
+    accumulation steps.
 
-    Memory falls along the remat ladder (less saved, more recomputed) and with more accumulation, so
-    each is bisected: per tensor degree about log2(policies) + log2(accumulations) compiles per stage.
+    Per tensor degree and remat policy (least recomputation first), each stage's fewest accumulation
+    steps that fit are bisected: memory falls with more accumulation. A policy that does not fit a
+    stage even at the most accumulation is skipped. Returns the best candidate, its reports and a row
+    per candidate tried (for the table).
     """
     from cambrian_jax import config as config_lib  # noqa: PLC0415
     from cambrian_jax import flops, sharding  # noqa: PLC0415
@@ -295,23 +358,25 @@ def search(config, topo: topology.Topology, stages: Sequence[int], *, mfu: float
     heads = model_cfg.decoder.num_heads
     tensors = [t for t in (1, 2, 4, 8) if heads % t == 0 and topo.chips % t == 0]
     done: dict[tuple, StageReport] = {}
+    rows: list[dict] = []
+    best: tuple | None = None
 
-    def fits(remat, tensor, n, accum) -> bool:
+    def report(remat, tensor, n, accum) -> StageReport:
         key = (remat, tensor, n, accum)
         if key not in done:
             if len(done) >= max_compiles:
                 raise Budget
             c = with_knobs(config, remat, tensor, {n: accum})
-            done[key] = r = plan_stage(c, topo, n, mfu=mfu)
+            done[key] = r = plan_stage(c, topo, n, mfu=mfu, compiler=compiler)
             log(f"  remat={remat} tensor={tensor} stage {n} accum={accum}: {_gib(r.per_device_bytes['total'])} "
-                f"per device → {'fits' if r.fits else 'over'}")
-        return done[key].fits
+                f"per device → {'fits' if r.fits else 'over'}, predicted {r.predicted_step_time_s:.3g} s/step")
+        return done[key]
 
     try:
         for tensor in tensors:
             try:
-                setup = TrainSetup(with_knobs(config, ladder[0], tensor, {}),
-                                   simulated_mesh(with_knobs(config, ladder[0], tensor, {}), topo), topo.hosts)
+                c = with_knobs(config, ladder[0], tensor, {})
+                setup = TrainSetup(c, planning_mesh(c, topo, compiler), topo.hosts)
             except ConfigError as e:
                 log(f"  tensor={tensor}: {e}")
                 continue
@@ -320,15 +385,37 @@ def search(config, topo: topology.Topology, stages: Sequence[int], *, mfu: float
             if not all(accums.values()):
                 log(f"  tensor={tensor}: a global batch does not split over {dp} data-parallel devices")
                 continue
-            i = _first(ladder, lambda p: all(fits(p, tensor, n, accums[n][-1]) for n in stages))
-            if i is None:
-                continue
-            remat = ladder[i]
-            chosen = {n: accums[n][_first(accums[n], lambda a, n=n: fits(remat, tensor, n, a))] for n in stages}
-            return Candidate(remat, tensor, chosen), {n: done[(remat, tensor, n, a)] for n, a in chosen.items()}
+            for remat in ladder:
+                if not all(report(remat, tensor, n, accums[n][-1]).fits for n in stages):
+                    continue
+                chosen = {n: accums[n][_first(accums[n], lambda a, n=n: report(remat, tensor, n, a).fits)]
+                          for n in stages}
+                found = {n: done[(remat, tensor, n, a)] for n, a in chosen.items()}
+                run_s = sum(int(config[f"stage{n}"].get("num_steps") or 1) * r.predicted_step_time_s
+                            for n, r in found.items())
+                rows.append(dict(remat=remat, tensor=tensor, accum_steps={str(n): a for n, a in chosen.items()},
+                                 gib_per_chip=max(r.per_device_bytes["total"] for r in found.values()) / GiB,
+                                 step_s={str(n): r.predicted_step_time_s for n, r in found.items()},
+                                 mfu={str(n): r.mfu_predicted for n, r in found.items()}, run_s=run_s))
+                if best is None or run_s < best[0] * (1 - 1e-9):
+                    best = (run_s, Candidate(remat, tensor, chosen), found)
     except Budget:
-        log(f"  stopped after {len(done)} compiles (--max_compiles)")
-    return None, {}
+        log(f"  stopped after {len(done)} compiles (--max_compiles); the best found so far follows")
+    if best is None:
+        return None, {}, rows
+    return best[1], best[2], rows
+
+
+def format_candidates(rows: Sequence[dict]) -> str:
+    """The search's candidates as a table: one row per (remat, tensor) that fits."""
+    lines = ["  remat             tensor  accum       GiB/chip  s/step (per stage)     MFU (per stage)   run s"]
+    for r in sorted(rows, key=lambda r: r["run_s"]):
+        acc = ",".join(f"{n}:{a}" for n, a in r["accum_steps"].items())
+        step = ",".join(f"{n}:{t:.3g}" for n, t in r["step_s"].items())
+        mfu = ",".join(f"{n}:{100 * m:.1f}%" for n, m in r["mfu"].items())
+        lines.append(f"  {r['remat']:<17} {r['tensor']:<7} {acc:<11} {r['gib_per_chip']:8.2f}  {step:<22} "
+                     f"{mfu:<17} {r['run_s']:.4g}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -346,9 +433,11 @@ def format_report(r: StageReport, config_name: str, topo: topology.Topology) -> 
         f"{_gib(r.replicated_parameter_bytes)} per device of them unsharded (no mesh axis divides their dims)",
         "  per device                GiB",
     ]
+    tpu = r.compiler == "tpu"
     notes = dict(parameters="exact (shards of trainable + frozen parameters)", optimizer="exact",
                  gradients="exact (float32, sharded like the parameters)", batch="exact",
-                 activations="estimate: XLA's CPU-compiled temporaries less the gradients")
+                 activations=("the TPU compiler's temporaries less the gradients" if tpu else
+                              "estimate: XLA's CPU-compiled temporaries less the gradients"))
     for k in PARTS:
         lines.append(f"    {k:<22}{b[k] / GiB:8.2f}   {notes[k]}")
     share = b["total"] / r.hbm_bytes
@@ -357,11 +446,29 @@ def format_report(r: StageReport, config_name: str, topo: topology.Topology) -> 
     lines += [
         f"  FLOPs per step {r.flops_per_step:.3e} (model) + {r.recompute_flops_per_step:.3e} (remat recompute); "
         f"{r.flops_per_step / topo.chips:.3e} per device",
-        f"  predicted step {r.predicted_step_time_s:.3g} s, {r.tokens_per_s:,.0f} tokens/s "
-        f"({r.tokens_per_s / topo.chips:,.0f} per device) at MFU {100 * r.mfu_assumed:.0f} % without recompute "
-        f"({100 * r.mfu_predicted:.1f} % with it)",
-        f"  compiled in {r.compile_s:.1f} s on {topo.chips} simulated CPU devices",
     ]
+    if tpu:
+        c = r.cost
+        raw_mfu = r.flops_per_step / (r.predicted_step_time_raw_s * topo.peak_flops)
+        lines += [
+            f"  TPU compiler per device: {c['flops']:.3e} FLOPs, {c['bytes_accessed'] / GiB:.1f} GiB accessed with "
+            f"{len(c['loops'])} loop(s) counted by trip count (XLA's once-counted figure: {c['reported_flops']:.3e})",
+            f"  predicted step {r.predicted_step_time_raw_s:.3g} s raw (the compiler's roofline: MFU "
+            f"{100 * raw_mfu:.1f} %)" + (f", {r.predicted_step_time_s:.3g} s calibrated (×{r.calibration:.2f} for "
+                                         f"{topo.chip.name}: MFU {100 * r.mfu_predicted:.1f} %)" if r.calibration
+                                         else f"; no calibration for {topo.chip.name} yet"),
+            f"  {r.tokens_per_s:,.0f} tokens/s ({r.tokens_per_s / topo.chips:,.0f} per chip)",
+            f"  compiled in {r.compile_s:.1f} s by the TPU compiler ({r.compiler_version}) for {topo.chips} "
+            f"compile-only {topo.chip.name} devices",
+        ]
+    else:
+        lines += [
+            f"  predicted step {r.predicted_step_time_s:.3g} s, {r.tokens_per_s:,.0f} tokens/s "
+            f"({r.tokens_per_s / topo.chips:,.0f} per device) at MFU {100 * r.mfu_assumed:.0f} % without "
+            f"recompute ({100 * r.mfu_predicted:.1f} % with it)",
+            f"  compiled in {r.compile_s:.1f} s on {topo.chips} simulated CPU devices: memory and time are "
+            f"estimates (install the [tpu] extra for the TPU compiler's figures)",
+        ]
     for i, a in enumerate(r.advice):
         lines.append(("  why: " if i == 0 else "  try: ") + a)
     return "\n".join(lines)
@@ -372,11 +479,15 @@ def summary(reports: Sequence[StageReport], config_name: str, topo: topology.Top
     'stages'; fits only if every planned stage fits."""
     worst = max(reports, key=lambda r: r.per_device_bytes["total"])
     out = dict(worst.to_json())
+    tpu = worst.compiler == "tpu"
     out.update(fits=all(r.fits for r in reports), config=config_name, topology=topo.name, chips=topo.chips,
                chip=topo.chip.name, peak_flops_per_chip=topo.chip.peak_flops, binding_stage=worst.stage,
                stages=[r.to_json() for r in reports],
-               note="activations are XLA's CPU-compiled temporaries less the gradients: an estimate of the "
-                    "accelerator's; parameters, optimizer state, gradients and batch are exact")
+               note=("memory is the TPU compiler's; the step time its roofline with loops counted by trip count"
+                     + (", calibrated on published runs" if worst.calibration else "") if tpu else
+                     "activations are XLA's CPU-compiled temporaries less the gradients: an estimate of the "
+                     "accelerator's; parameters, optimizer state, gradients and batch are exact; the step time "
+                     "assumes --mfu"))
     return out
 
 
@@ -413,11 +524,13 @@ def define_flags() -> None:
     flags.DEFINE_enum("stage", "all", ["1", "2", "all"], "Stage to plan (all = the config's stages).")
     flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation: the fraction of peak bf16 FLOP/s a step "
                        "without recomputation would reach; recomputed FLOPs take time at the same rate.")
+    flags.DEFINE_enum("compiler", "auto", list(COMPILERS), "tpu: libtpu's compiler on compile-only devices of "
+                      "the slice; cpu: simulated CPU devices (an estimate); auto: tpu for TPU slices when "
+                      "libtpu is installed.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
     flags.DEFINE_string("workdir", None, "Plan the run recorded in WORKDIR/config.json (instead of --config).")
-    flags.DEFINE_bool("search", False, "Try tensor degrees, remat policies and accumulation; print the setting "
-                      "that fits with the smallest tensor degree, then the least recomputation, then the fewest "
-                      "accumulation steps.")
+    flags.DEFINE_bool("search", False, "Try tensor degrees, remat policies and accumulation; print the "
+                      "candidates that fit and the one with the shortest predicted run.")
     flags.DEFINE_integer("max_compiles", 16, "--search compiles at most this many candidates.")
 
 
@@ -427,7 +540,7 @@ def main(argv) -> None:
 
     if (FLAGS.config is None) == (FLAGS.workdir is None) or FLAGS.topology is None:
         _usage_error("usage: python -m cambrian_jax.plan (--config configs/x.py[:switches] | --workdir W) "
-                     "--topology v4-512 [--stage 1|2] [--json] [--search] [--mfu 0.4]")
+                     "--topology v4-512 [--stage 1|2] [--json] [--search] [--compiler auto|tpu|cpu] [--mfu 0.4]")
     try:
         topo = topology.parse(FLAGS.topology)
     except ValueError as e:
@@ -441,39 +554,57 @@ def main(argv) -> None:
     else:
         config = FLAGS.config
         name = config_flags.get_config_filename(FLAGS["config"])
-    simulate(topo.chips)
+    try:
+        compiler = resolve_compiler(FLAGS.compiler, topo)
+    except ValueError as e:
+        _usage_error(str(e))
+    if compiler == "tpu":
+        # JAX's own backend stays the CPU (nothing runs); the TPU compiler comes from libtpu's
+        # compile-only client, which reads LIBTPU_INIT_ARGS when it loads.
+        import jax  # noqa: PLC0415
+        jax.config.update("jax_platforms", "cpu")
+        topology.use_libtpu_flags()
+    else:
+        simulate(topo.chips)
     from cambrian_jax.config import ConfigError  # noqa: PLC0415
     from cambrian_jax.trainer import TrainSetup  # noqa: PLC0415
 
     stages = tuple(int(s) for s in config.get("stages", (1, 2))) if FLAGS.stage == "all" else (int(FLAGS.stage),)
     log = (lambda *a: print(*a, file=sys.stderr)) if FLAGS.json else print
+    where = (f"the TPU compiler (libtpu {topology.tpu_compiler_version()}) for {topo.chips} compile-only "
+             f"{topo.chip.name} devices" if compiler == "tpu" else f"{topo.chips} simulated CPU devices (an estimate)")
     try:
-        setup = TrainSetup(config, simulated_mesh(config, topo), process_count=topo.hosts)
+        setup = TrainSetup(config, planning_mesh(config, topo, compiler), process_count=topo.hosts)
         reports = []
         for n in stages:
-            print(f"stage {n}: compiling the training step for {topo.name} on {topo.chips} simulated devices "
-                  "(minutes for a large model)…", file=sys.stderr, flush=True)
-            reports.append(plan_stage(config, topo, n, mfu=FLAGS.mfu, setup=setup))
+            print(f"stage {n}: compiling the training step for {topo.name} with {where} (minutes for a large "
+                  "model)…", file=sys.stderr, flush=True)
+            reports.append(plan_stage(config, topo, n, mfu=FLAGS.mfu, setup=setup, compiler=compiler))
     except ConfigError as e:
         _usage_error(f"config error: {e}")
+    except (ValueError, RuntimeError) as e:   # topology: a data axis the slices do not split; libtpu refusing
+        _usage_error(str(e))
     if not FLAGS.json:
         print("\n\n".join(format_report(r, name, topo) for r in reports))
     out = summary(reports, name, topo)
     if FLAGS.search:
         log(f"search: tensor degrees × remat policies × accumulation on {topo.name}")
-        cand, found = search(config, topo, stages, mfu=FLAGS.mfu, max_compiles=FLAGS.max_compiles, log=log)
+        cand, found, rows = search(config, topo, stages, mfu=FLAGS.mfu, max_compiles=FLAGS.max_compiles,
+                                   compiler=compiler, log=log)
+        if rows:
+            log("search: the candidates that fit, shortest predicted run first\n" + format_candidates(rows))
         if cand is None:
             log("search: nothing tried fits; a larger slice (or a smaller batch) is needed")
             out["search"] = None
         else:
             best = summary(list(found.values()), name, topo)
-            log(f"search: fits with the smallest tensor degree, then the least recomputation, then the fewest "
-                f"accumulation steps: {' '.join(cand.overrides())}")
+            log(f"search: the shortest predicted run that fits: {' '.join(cand.overrides())}")
             for n, r in found.items():
                 log(f"        stage {n}: {_gib(r.per_device_bytes['total'])} per device, predicted step "
-                    f"{r.predicted_step_time_s:.3g} s")
+                    f"{r.predicted_step_time_s:.3g} s (MFU {100 * r.mfu_predicted:.1f} %)")
             out["search"] = dict(overrides=cand.overrides(), remat=cand.remat, tensor=cand.tensor,
-                                 accum_steps={str(n): a for n, a in cand.accum.items()}, plan=best)
+                                 accum_steps={str(n): a for n, a in cand.accum.items()}, plan=best,
+                                 candidates=rows)
     if FLAGS.json:
         print(json.dumps(out, indent=2))
     sys.exit(cli.EXIT_OK if out["fits"] or (FLAGS.search and out.get("search")) else cli.EXIT_DOES_NOT_FIT)

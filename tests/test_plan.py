@@ -36,8 +36,9 @@ def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def plan_json(*args: str, expect_rc: int = 0, timeout: int = 900) -> dict:
-    p = run("-m", "cambrian_jax.plan", "--json", *args, timeout=timeout)
+def plan_json(*args: str, expect_rc: int = 0, timeout: int = 900, compiler: str = "cpu") -> dict:
+    """The planner's JSON; with the CPU compiler unless asked (tests/test_plan_tpu.py has the TPU one's)."""
+    p = run("-m", "cambrian_jax.plan", "--json", "--compiler", compiler, *args, timeout=timeout)
     assert p.returncode == expect_rc, p.stderr[-3000:]
     return json.loads(p.stdout)
 

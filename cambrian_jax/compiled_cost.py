@@ -1,0 +1,199 @@
+"""What a compiled program costs per device, every loop body counted as often as it runs.
+
+XLA's `compiled.cost_analysis()` (CPU and TPU alike) counts the body of a while loop once, whatever
+its trip count: the decoder's layer scan, its transpose in the backward pass, the towers' layer
+scans and the gradient-accumulation scan each cost one iteration. For a 60-layer decoder under 4
+accumulation steps that is 1/240 of the work.
+
+This module reads the compiled (optimised, partitioned) HLO instead:
+
+1. every `while` loop, its body and its trip count, from the loop condition JAX's scans compile to:
+   `ROOT compare(get-tuple-element(param, index=i), constant(N)), direction=LT` with the counter's
+   initial value a constant in the loop's operand tuple (0 for a scan);
+2. the FLOPs and bytes of each computation, by XLA's own HloCostAnalysis run on a copy of the module
+   whose entry is that computation (so a body's figure includes its nested loops once, like the
+   whole program's);
+3. each computation's own cost (its figure less its loops' bodies) times how often it runs (the
+   product of the trip counts of the loops around it).
+
+The TPU compiler's `optimal_seconds` (its roofline time for the program, loop bodies counted once)
+is scaled the same way: each computation's share of it is taken to be its share of the roofline
+time max(FLOPs / peak, bytes / HBM bandwidth) of the once-counted program. `tests/test_plan_tpu.py`
+checks all three figures against compiles with the loops unrolled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+_HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\{$")
+_WHILE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? while\(%([\w.\-]+)\), condition=%([\w.\-]+), "
+                    r"body=%([\w.\-]+)(.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    body: str                # the body computation's name in the compiled HLO
+    op_name: str             # JAX's name for it (e.g. "jit(step)/while/body/.../transpose(jvp())/while")
+    trips: int               # iterations per run of the loop
+    runs: int                # how often the loop itself runs (product of the enclosing loops' trips)
+    flops_per_trip: float    # the body's FLOPs, its own nested loops counted by their trip counts
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCost:
+    flops: float                  # per device, every loop body counted by its trip count
+    bytes_accessed: float
+    seconds: float                # the compiler's optimal_seconds, scaled to the loops' trip counts
+    reported_flops: float         # cost_analysis() as XLA gives it: loop bodies counted once
+    reported_bytes: float
+    optimal_seconds: float        # cost_analysis()["optimal_seconds"] (TPU only; 0 elsewhere)
+    loops: tuple[Loop, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Computation:
+    lines: list[str]
+    loops: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)   # (body, trips, op_name)
+    flops: float = 0.0            # as an entry: nested loops counted once
+    bytes: float = 0.0
+
+
+def _parse(text: str) -> tuple[dict[str, _Computation], str]:
+    comps: dict[str, _Computation] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            current = m.group(2)
+            comps[current] = _Computation([line])
+            if m.group(1):
+                entry = current
+        elif current is not None:
+            comps[current].lines.append(line)
+            if line == "}":
+                current = None
+    if entry is None:
+        raise ValueError("compiled HLO has no ENTRY computation")
+    for comp in comps.values():
+        for line in comp.lines:
+            w = _WHILE.match(line)
+            if w:
+                _, init, cond, body, rest = w.groups()
+                op = _OP_NAME.search(rest)
+                comp.loops.append((body, _trips(comps, comp, init, cond, rest), op.group(1) if op else ""))
+    return comps, entry
+
+
+def _trips(comps: dict[str, _Computation], comp: _Computation, init: str, cond: str, rest: str) -> int:
+    known = _KNOWN_TRIPS.search(rest)
+    if known:
+        return int(known.group(1))
+    lines = comps[cond].lines
+    root = next((ln for ln in lines if ln.lstrip().startswith("ROOT ")), "")
+    m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT", root)
+    if m:
+        defs = {d.group(1): d.group(2) for d in (re.match(r"^\s*%([\w.\-]+) = (.*)$", ln) for ln in lines) if d}
+        counter, limit = defs.get(m.group(1), ""), defs.get(m.group(2), "")
+        bound = re.search(r"constant\((-?\d+)\)", limit)
+        index = re.search(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)", counter)
+        if bound and index:
+            return max(0, int(bound.group(1)) - _initial(comp, init, int(index.group(1))))
+    raise ValueError(f"cannot read the trip count of the loop whose condition is %{cond} (expected JAX's "
+                     f"'counter < constant' form): {root.strip()[:200]}")
+
+
+def _initial(comp: _Computation, tuple_name: str, index: int) -> int:
+    """The constant the loop counter starts from (element `index` of the loop's operand tuple)."""
+    defs = {d.group(1): d.group(2) for d in (re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", ln)
+                                             for ln in comp.lines) if d}
+    operands = re.search(r"\btuple\((.*?)\)(?:,|$)", defs.get(tuple_name, ""))
+    if operands:
+        names = re.findall(r"%([\w.\-]+)", operands.group(1))
+        if index < len(names):
+            c = re.search(r"constant\((-?\d+)\)", defs.get(names[index], ""))
+            if c:
+                return int(c.group(1))
+    return 0
+
+
+def _module_text(comps: dict[str, _Computation], entry: str) -> str:
+    """The module with `entry` as its entry computation (callees print before callers, as XLA does)."""
+    parts = []
+    for name, comp in comps.items():
+        head = comp.lines[0].removeprefix("ENTRY ")
+        parts.append("\n".join([("ENTRY " if name == entry else "") + head] + comp.lines[1:]))
+    return "HloModule entry_" + re.sub(r"\W", "_", entry) + "\n\n" + "\n\n".join(parts)
+
+
+def _analyse(comps: dict[str, _Computation], names) -> None:
+    import jax  # noqa: PLC0415
+    from jax._src.lib import xla_client  # noqa: PLC0415
+    from jaxlib import _hlo  # noqa: PLC0415
+
+    cpu = jax.devices("cpu")[0].client
+    for name in names:
+        module = _hlo.hlo_module_from_text(_module_text(comps, name))
+        cost = xla_client._xla.hlo_module_cost_analysis(cpu, module)
+        comps[name].flops = float(cost.get("flops", 0.0))
+        comps[name].bytes = float(cost.get("bytes accessed", 0.0))
+
+
+def hlo_text(compiled) -> str:
+    """The compiled module's HLO, less the stack-frame references the text parser cannot resolve."""
+    return re.sub(r"\s*stack_frame_id=\d+", "", compiled.as_text())
+
+
+def program_cost(compiled, peak_flops: float, hbm_bandwidth: float) -> ProgramCost:
+    """Per-device FLOPs, bytes and predicted seconds of `compiled`, loops counted by their trip counts."""
+    reported = compiled.cost_analysis() or {}
+    if isinstance(reported, (list, tuple)):      # older jax: one dict per partition
+        reported = reported[0] if reported else {}
+    comps, entry = _parse(hlo_text(compiled))
+    bodies = {body for c in comps.values() for body, _, _ in c.loops}
+    _analyse(comps, [entry, *sorted(bodies)])
+
+    def roofline(flops: float, nbytes: float) -> float:
+        return flops / peak_flops + nbytes / hbm_bandwidth
+
+    totals: dict[str, tuple[float, float, float]] = {}   # per run: flops, bytes, roofline seconds
+
+    def total(name: str, stack=()) -> tuple[float, float, float]:
+        if name in stack:
+            raise ValueError(f"loop body %{name} contains itself")
+        if name not in totals:
+            c = comps[name]
+            own_f, own_b = c.flops, c.bytes
+            f = b = t = 0.0
+            for body, trips, _ in c.loops:
+                own_f -= comps[body].flops
+                own_b -= comps[body].bytes
+                bf, bb, bt = total(body, (*stack, name))
+                f, b, t = f + trips * bf, b + trips * bb, t + trips * bt
+            own_f, own_b = max(own_f, 0.0), max(own_b, 0.0)
+            totals[name] = (own_f + f, own_b + b, roofline(own_f, own_b) + t)
+        return totals[name]
+
+    flops, nbytes, rt = total(entry)
+    once = sum(roofline(max(c.flops - sum(comps[b].flops for b, _, _ in c.loops), 0.0),
+                        max(c.bytes - sum(comps[b].bytes for b, _, _ in c.loops), 0.0))
+               for name, c in comps.items() if name == entry or name in bodies)
+    optimal = float(reported.get("optimal_seconds", 0.0) or 0.0)
+    loops, runs = [], {entry: 1}
+    stack = [entry]
+    while stack:
+        name = stack.pop()
+        for body, trips, op in comps[name].loops:
+            runs[body] = runs[name] * trips
+            loops.append(Loop(body, op, trips, runs[name], totals[body][0]))
+            stack.append(body)
+    return ProgramCost(flops=flops, bytes_accessed=nbytes, seconds=optimal * rt / once if once > 0 else 0.0,
+                       reported_flops=float(reported.get("flops", 0.0)),
+                       reported_bytes=float(reported.get("bytes accessed", 0.0)),
+                       optimal_seconds=optimal, loops=tuple(loops))
