@@ -156,16 +156,16 @@ fi
 
 # ---- 3. install (idempotent: pip skips what is there)
 on_all "set -e; python3 -m venv ~/cambrian_env; ~/cambrian_env/bin/pip install -q -U pip; \
-~/cambrian_env/bin/pip install -q -e $(q "$DIR") 'jax[tpu]==0.10.2' gcsfs"
+~/cambrian_env/bin/pip install -q -e $(q "$DIR")'[tpu]' gcsfs"
 
 [[ $SETUP_ONLY -eq 1 ]] && { echo "launch_tpu.sh: $NAME is set up (--setup-only)"; exit 0; }
 
 # ---- 4. train on all workers
 [[ -n "$CONFIG" ]] || die "--config is required to train (or give --setup-only)"
 [[ -n "$WORKDIR" ]] || die "--workdir is required to train (a gs:// bucket path on a multi-worker slice)"
-# Overlap FSDP's all-gathers and reduce-scatters with compute (the flags MaxText uses on v4/v5p).
-envs="LIBTPU_INIT_ARGS=$(q "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")"
-envs+=" TF_CPP_MIN_LOG_LEVEL=2"
+# The trainer adds the LIBTPU_INIT_ARGS flags itself (cambrian_jax/topology.py LIBTPU_FLAGS, the ones
+# the planner compiles with); --env LIBTPU_INIT_ARGS=... adds to them or overrides one.
+envs="TF_CPP_MIN_LOG_LEVEL=2"
 for kv in "${ENVS[@]+"${ENVS[@]}"}"; do envs+=" ${kv%%=*}=$(q "${kv#*=}")"; done
 cmd="cd $(q "$DIR") && env $envs ~/cambrian_env/bin/python -m cambrian_jax.train --config $(q "$CONFIG") \
 --workdir $(q "$WORKDIR") --stage $(q "$STAGE") --distributed=yes"

@@ -31,5 +31,8 @@ setup(
     extras_require={
         # torch 2.13.0 resolves to the local CPU wheel; an unpinned torch pulls CUDA packages.
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0"],
+        # The TPU runtime, and on a machine without TPUs the TPU compiler the planner uses
+        # (cambrian_jax/plan.py --compiler tpu): the libtpu that jax 0.10.2 names.
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     },
 )

@@ -453,8 +453,10 @@ def format_report(r: StageReport, config_name: str, topo: topology.Topology) -> 
         lines += [
             f"  TPU compiler per device: {c['flops']:.3e} FLOPs, {c['bytes_accessed'] / GiB:.1f} GiB accessed with "
             f"{len(c['loops'])} loop(s) counted by trip count (XLA's once-counted figure: {c['reported_flops']:.3e})",
-            f"  predicted step {r.predicted_step_time_raw_s:.3g} s raw (the compiler's roofline: MFU "
-            f"{100 * raw_mfu:.1f} %)" + (f", {r.predicted_step_time_s:.3g} s calibrated (×{r.calibration:.2f} for "
+            f"  predicted step {r.predicted_step_time_raw_s:.3g} s raw ("
+            + ("the compiler's optimal_seconds" if c["time_source"] == "optimal_seconds" else
+               "roofline of the compiler's FLOPs and bytes; its optimal_seconds was unusable") +
+            f", loops counted: MFU {100 * raw_mfu:.1f} %)" + (f", {r.predicted_step_time_s:.3g} s calibrated (×{r.calibration:.2f} for "
                                          f"{topo.chip.name}: MFU {100 * r.mfu_predicted:.1f} %)" if r.calibration
                                          else f"; no calibration for {topo.chip.name} yet"),
             f"  {r.tokens_per_s:,.0f} tokens/s ({r.tokens_per_s / topo.chips:,.0f} per chip)",

@@ -179,8 +179,15 @@ def compile_only_devices(topo: Topology) -> list:
             devices = list(topologies.get_topology_desc(**kwargs).devices)
         except Exception as e:
             sink.seek(0)
-            raise RuntimeError(f"libtpu could not describe {topo.name} ({kwargs['topology_name']}): {e}; its log: "
-                               f"{sink.read().decode(errors='replace')[-800:]}") from e
+            log = sink.read().decode(errors="replace")
+            if "INVALID_ARGUMENT" in str(e) or "not divisible" in str(e):
+                unit = topo.chip.cores_per_chip
+                raise ValueError(f"topology {topo.name!r}: libtpu has no {topo.chip.name} slice of "
+                                 f"{topo.chips // topo.slices} chips ({kwargs['topology_name']}: "
+                                 f"{str(e).splitlines()[0]}); {topo.chip.name} slices have 4, 8, 16, … chips, e.g. "
+                                 f"{topo.chip.name}-{4 * unit}, {topo.chip.name}-{16 * unit}") from None
+            raise RuntimeError(f"libtpu could not describe {topo.name} ({kwargs['topology_name']}): {e}; its "
+                               f"log: {log[-800:]}") from e
     if len(devices) != topo.chips:
         raise RuntimeError(f"libtpu describes {topo.name} with {len(devices)} devices, expected {topo.chips}")
     return devices

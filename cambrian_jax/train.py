@@ -102,6 +102,8 @@ def main(argv) -> None:
     if FLAGS.config is None or FLAGS.workdir is None:
         cli.fail("usage: python -m cambrian_jax.train --config configs/cambrian_tiny.py --workdir DIR "
                  "[--stage 1|2|all]")
+    from cambrian_jax import topology  # noqa: PLC0415
+    topology.use_libtpu_flags()    # before JAX loads libtpu: the flags the planner compiled with
     init_distributed()
     from cambrian_jax import workdir as workdir_lib  # noqa: PLC0415
     from cambrian_jax.trainer import StageNotFinished, Trainer, TrainingStopped  # noqa: PLC0415

@@ -1,0 +1,242 @@
+"""The planner on the real TPU compiler (libtpu's compile-only devices) and the loop accounting of
+cambrian_jax/compiled_cost.py.
+
+Everything here compiles for a v5p-8 (4 chips) or smaller, so it stays fast. Without libtpu the
+compiling tests skip with one line; CI installs the [tpu] extra and runs them in their own step.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cambrian_jax import compiled_cost, topology
+from tests.test_plan import run
+
+needs_libtpu = pytest.mark.skipif(topology.tpu_compiler_version() is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+V5P = topology.CHIPS["v5p"]
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+def test_libtpu_flags_are_added_once_and_the_users_win():
+    env = {"LIBTPU_INIT_ARGS": "--xla_tpu_overlap_compute_collective_tc=false --xla_foo=1"}
+    got = topology.use_libtpu_flags(env).split()
+    assert got[:2] == ["--xla_tpu_overlap_compute_collective_tc=false", "--xla_foo=1"]
+    assert "--xla_tpu_overlap_compute_collective_tc=true" not in got
+    assert set(topology.LIBTPU_FLAGS) - set(got) == {"--xla_tpu_overlap_compute_collective_tc=true"}
+    assert topology.use_libtpu_flags(env).split() == got                     # idempotent
+    assert topology.use_libtpu_flags({}).split() == list(topology.LIBTPU_FLAGS)
+
+
+def test_launch_tpu_leaves_the_flags_to_the_trainer():
+    from tests.test_plan import REPO
+    assert "--xla_tpu" not in (REPO / "launch_tpu.sh").read_text()
+    assert "topology.use_libtpu_flags()" in (REPO / "cambrian_jax" / "train.py").read_text()
+
+
+@pytest.mark.parametrize("name, shape", [("v4-512", (8, 8, 4)), ("v4-384", (4, 4, 12)), ("v5p-8", (2, 2, 1)),
+                                         ("v6e-256", (16, 16)), ("v5e-8", (2, 4)), ("2xv5p-256", (8, 4, 4))])
+def test_slice_shapes_are_libtpus(name, shape):
+    assert topology.slice_shape(topology.parse(name)) == shape
+
+
+def test_multislice_names():
+    t = topology.parse("2xv5p-256")
+    assert (t.chips, t.slices, t.hosts, t.chip.name) == (256, 2, 64, "v5p")
+
+
+# ------------------------------------------------------------------------------------------ loops
+
+@pytest.fixture(scope="module")
+def v5p8():
+    return Mesh(topology.compile_only_devices(topology.parse("v5p-8")), ("x",))
+
+
+def accumulated_layers(mesh, unroll, accum=3, layers=4, d=512, rows=256):
+    """A gradient-accumulation scan around a layer scan and its transpose, like the training step;
+    the gradient is taken for the inputs too, so unrolling removes no work."""
+    def step(ws, x):
+        def micro(g, xm):
+            def loss(ws, xm):
+                return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), xm, ws, unroll=unroll)[0].sum()
+            gw, gx = jax.grad(loss, argnums=(0, 1))(ws, xm)
+            return g + gw, gx
+        return jax.lax.scan(micro, jnp.zeros_like(ws), x.reshape(accum, -1, x.shape[-1]), unroll=unroll)
+    ws = jax.ShapeDtypeStruct((layers, d, d), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "x")))
+    x = jax.ShapeDtypeStruct((accum * rows, d), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+    return jax.jit(step).lower(ws, x).compile()
+
+
+@needs_libtpu
+def test_loop_bodies_count_by_trip_count_as_if_unrolled(v5p8):
+    scanned = compiled_cost.program_cost(accumulated_layers(v5p8, 1), V5P.peak_flops, V5P.hbm_bandwidth)
+    unrolled = compiled_cost.program_cost(accumulated_layers(v5p8, True), V5P.peak_flops, V5P.hbm_bandwidth)
+    assert not unrolled.loops and unrolled.flops == unrolled.reported_flops
+    # The accumulation loop runs once, each layer loop (forward, backward) once per micro-batch.
+    assert sorted((lp.trips, lp.runs) for lp in scanned.loops) == [(3, 1), (4, 3), (4, 3)]
+    assert scanned.reported_flops < 0.2 * unrolled.flops          # XLA's own figure: bodies once
+    # Equal but for the elementwise work XLA fuses differently unrolled (0.4 % at these widths); the
+    # matmuls alone are 3 micro-batches × 4 layers × 3 dots × 2·64·512·512 per device.
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=1e-2)
+    assert scanned.flops == pytest.approx(3 * 4 * 3 * 2 * 64 * 512 * 512, rel=2e-2)
+    # Bytes and time differ for real (a scan reads its stacked weights by dynamic slices, writes its
+    # residuals into stacked buffers): within a factor, not equal.
+    assert 0.7 < scanned.bytes_accessed / unrolled.bytes_accessed < 1.6
+    assert 0.7 < scanned.seconds / unrolled.optimal_seconds < 1.6
+    assert scanned.seconds > 5 * scanned.optimal_seconds and scanned.time_source == "optimal_seconds"
+    # The additive roofline is the compiler's own time to a few per cent where nothing loops.
+    assert unrolled.roofline_seconds == pytest.approx(unrolled.optimal_seconds, rel=0.15)
+
+
+@needs_libtpu
+def test_the_trip_count_is_read_from_the_loop_condition(v5p8):
+    for accum, layers in ((2, 5), (5, 2)):
+        c = compiled_cost.program_cost(accumulated_layers(v5p8, 1, accum, layers), V5P.peak_flops,
+                                       V5P.hbm_bandwidth)
+        assert sorted((lp.trips, lp.runs) for lp in c.loops) == sorted([(accum, 1), (layers, accum),
+                                                                         (layers, accum)])
+
+
+def test_an_unreadable_loop_condition_is_an_error_not_a_guess():
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[])) -> pred[] {
+  %p = (s32[], f32[]) parameter(0)
+  %x = f32[] get-tuple-element(%p), index=1
+  %zero = f32[] constant(0)
+  ROOT %c = pred[] compare(%x, %zero), direction=GT
+}
+
+%body (p.1: (s32[], f32[])) -> (s32[], f32[]) {
+  ROOT %p.1 = (s32[], f32[]) parameter(0)
+}
+
+ENTRY %main (a: f32[]) -> (s32[], f32[]) {
+  %a = f32[] parameter(0)
+  %i = s32[] constant(0)
+  %t = (s32[], f32[]) tuple(%i, %a)
+  ROOT %w = (s32[], f32[]) while(%t), condition=%cond, body=%body
+}
+"""
+    with pytest.raises(ValueError, match="cannot read the trip count of the loop whose condition is %cond"):
+        compiled_cost._parse(hlo)
+
+
+# ------------------------------------------------------------------------------------------ the planner
+
+@pytest.fixture(scope="module")
+def tpu_plan():
+    """The micro config planned on v5p-8 by the TPU compiler, in-process (compile-only devices need no
+    special JAX start), with the compiled program kept to compare against."""
+    from cambrian_jax import plan
+    from cambrian_jax.trainer import TrainSetup
+    from configs import cambrian_tiny
+
+    topo = topology.parse("v5p-8")
+    config = cambrian_tiny.get_config("micro")
+    setup = TrainSetup(config, plan.planning_mesh(config, topo, "tpu"), process_count=topo.hosts)
+    return setup, topo, plan.plan_stage(config, topo, 2, setup=setup, compiler="tpu")
+
+
+@needs_libtpu
+def test_the_report_is_the_tpu_compilers_own(tpu_plan):
+    import numpy as np
+
+    from cambrian_jax.data.pipeline import batch_spec
+
+    setup, topo, r = tpu_plan
+    assert r.compiler == "tpu" and r.compiler_version == f"libtpu {topology.tpu_compiler_version()}"
+    assert {d.device_kind for d in setup.mesh.devices.flat} == {"TPU v5"}
+    p = setup.plan(2)
+    program = setup.program(p, total_steps=int(p.stage.get("num_steps") or 1000))
+    spec = batch_spec(setup.model_cfg, setup.config.get("data") or {}, int(p.stage.global_batch_size))
+    batch = {k: jax.ShapeDtypeStruct(s, np.dtype(d), sharding=program.batch_sharding) for k, (s, d) in spec.items()}
+    mem = program.lower(batch).compile().memory_analysis()
+    assert r.xla_memory == {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+                            ("argument", "output", "alias", "temp", "generated_code")}
+    b = r.per_device_bytes
+    assert b["total"] == mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes \
+        + mem.temp_size_in_bytes
+    # The step time is the compiler's, its MFU our FLOPs over it.
+    c = r.cost
+    assert r.predicted_step_time_raw_s == c["seconds"] > c["optimal_seconds"] > 0
+    assert r.predicted_step_time_s == pytest.approx(r.predicted_step_time_raw_s * (r.calibration or 1.0))
+    assert r.mfu_predicted == pytest.approx(r.flops_per_step / (r.predicted_step_time_s * topo.peak_flops))
+    assert r.mfu_assumed is None
+    # The decoder's layer scan and its transpose are the loops counted (the micro towers have one layer).
+    layers = setup.model_cfg.decoder.num_layers
+    assert sorted((lp["op_name"].endswith("transpose(jvp())/while"), lp["trips"]) for lp in c["loops"]) == [
+        (False, layers), (True, layers)]
+    assert c["flops"] > c["reported_flops"]
+
+
+@needs_libtpu
+def test_more_layers_cost_more_though_xla_counts_them_once(tpu_plan):
+    from cambrian_jax import plan
+    from configs import cambrian_tiny
+
+    _, topo, base = tpu_plan
+    flops, reported = [], []
+    for layers in (2, 4, 6):
+        config = cambrian_tiny.get_config("micro")
+        config.model.decoder.num_layers = layers
+        r = plan.plan_stage(config, topo, 2, compiler="tpu")
+        flops.append(r.cost["flops"])
+        reported.append(r.cost["reported_flops"])
+    assert reported[2] == pytest.approx(reported[0], rel=0.02)
+    # Linear in depth: each two layers add the same FLOPs.
+    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=1e-3)
+    assert flops[1] - flops[0] > 0.1 * flops[0]
+
+
+@needs_libtpu
+def test_cli_reports_the_tpu_compiler_quietly():
+    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro", "--topology", "v5p-8",
+            "--stage", "1", "--json", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["compiler"] == "tpu" and out["stages"][0]["compiler"] == "tpu"
+    assert "TPU compiler" in out["note"] and out["chip"] == "v5p"
+    assert "with the TPU compiler (libtpu" in p.stderr
+    for noise in ("InitGoogle", "TPU_WORKER_HOSTNAMES", "Source Location Trace", "stack_frame_id"):
+        assert noise not in p.stderr, noise
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args, says", [
+    (("--topology", "v5p-6"), "topology 'v5p-6': libtpu has no v5p slice of 3 chips"),
+    (("--topology", "2xv5p-8"), "config field mesh.data: 1 does not split over the 2 slices of 2xv5p-8"),
+    (("--topology", "v5p-8", "--config.mesh.tensor=3"), "config field mesh"),
+])
+def test_requests_libtpu_cannot_plan_exit_2_in_one_line(args, says):
+    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro", "--compiler", "tpu", *args,
+            timeout=300)
+    assert p.returncode == 2 and says in p.stderr, p.stderr[-2000:]
+    assert "compiling the training step" not in p.stderr          # refused before anything compiles
+    assert "Traceback" not in p.stderr
+
+
+def test_tpu_compiler_for_a_gpu_is_a_usage_error():
+    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro", "--topology", "h100x8",
+            "--compiler", "tpu", timeout=120)
+    assert p.returncode == 2 and "--compiler tpu: h100x8 is not a TPU slice" in p.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_34b_on_v4_512_by_the_tpu_compiler():
+    """The flagship recipe's binding stage on its slice as the TPU compiler sees it (minutes)."""
+    from tests.test_plan import plan_json
+
+    out = plan_json("--config", "configs/cambrian_34b.py", "--topology", "v4-512", "--stage", "2", compiler="tpu",
+                    timeout=3600)
+    assert out["compiler"] == "tpu" and out["fits"], json.dumps([s["per_device_bytes"] for s in out["stages"]])
+    for s in out["stages"]:
+        assert s["mesh"] == {"data": 1, "fsdp": 256, "tensor": 1}
+        assert 0.2 < s["mfu_predicted"] < 1.0
+        assert s["cost"]["flops"] > 10 * s["cost"]["reported_flops"]        # 60 layers × accumulation
