@@ -186,6 +186,7 @@ def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, set
     t0 = time.perf_counter()
     compiled = program.lower(abs_batch).compile()
     compile_s = time.perf_counter() - t0
+    compile_rss = _peak_rss()
 
     exact = dict(parameters=shard_bytes(program.abs_state["params"]) + shard_bytes(program.abs_frozen),
                  optimizer=shard_bytes(program.abs_state["opt"]) + shard_bytes(program.abs_state["step"]),
@@ -205,7 +206,10 @@ def plan_stage(config, topo: topology.Topology, n: int, *, mfu: float = 0.4, set
     recompute = gb * flops.recompute_flops_per_sample(setup.model_cfg, seq_len)
     cost, raw, factor = None, None, None
     if compiler == "tpu":
+        t0 = time.perf_counter()
         cost = compiled_cost.program_cost(compiled, topo.chip.peak_flops, topo.chip.hbm_bandwidth)
+        print(f"stage {n}: compiled in {compile_s:.0f} s (host peak {compile_rss / GiB:.1f} GiB); loops counted in "
+              f"{time.perf_counter() - t0:.0f} s (host peak {_peak_rss() / GiB:.1f} GiB)", file=sys.stderr, flush=True)
         raw = cost.seconds
         factor = CALIBRATION.get(topo.chip.name)
         step_time = raw * (factor or 1.0)
@@ -283,6 +287,12 @@ def advise(r: StageReport, config, setup, topo: topology.Topology, whole=()) -> 
         out.append(f"batch: stage{r.stage}.global_batch_size below {r.global_batch} (the recipe's learning rates "
                    f"scale with sqrt(batch)), or a larger slice")
     return out
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far, bytes (Linux reports KiB)."""
+    import resource  # noqa: PLC0415
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _gib(b: float) -> str:

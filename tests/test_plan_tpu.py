@@ -240,3 +240,19 @@ def test_34b_on_v4_512_by_the_tpu_compiler():
         assert s["mesh"] == {"data": 1, "fsdp": 256, "tensor": 1}
         assert 0.2 < s["mfu_predicted"] < 1.0
         assert s["cost"]["flops"] > 10 * s["cost"]["reported_flops"]        # 60 layers × accumulation
+
+
+@needs_libtpu
+def test_search_picks_the_shortest_predicted_run_among_those_that_fit():
+    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro", "--topology", "v5p-8",
+            "--stage", "1", "--json", "--search", "--max_compiles", "5", timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    found = json.loads(p.stdout)["search"]
+    rows = found["candidates"]
+    assert len(rows) >= 2 and all(r["gib_per_chip"] < 95 for r in rows)
+    best = min(rows, key=lambda r: r["run_s"])
+    assert (found["remat"], found["tensor"], found["accum_steps"]) == (best["remat"], best["tensor"],
+                                                                       best["accum_steps"])
+    assert found["plan"]["compiler"] == "tpu"
+    assert found["plan"]["predicted_step_time_s"] == pytest.approx(best["step_s"]["1"])
+    assert "shortest predicted run first" in p.stderr and "GiB/chip" in p.stderr
