@@ -9,7 +9,8 @@ This module reads the compiled (optimised, partitioned) HLO instead:
 
 1. every `while` loop, its body and its trip count, from the loop condition JAX's scans compile to:
    `ROOT compare(get-tuple-element(param, index=i), constant(N)), direction=LT` with the counter's
-   initial value a constant in the loop's operand tuple (0 for a scan);
+   initial value a constant in the loop's operand tuple (0 for a scan) and its step the constant the
+   body adds to it (1 for a scan; 2 in some loops XLA makes itself);
 2. the FLOPs and bytes of each computation, by XLA's generic HloCostAnalysis run on a copy of the
    module whose entry is that computation (so a body's figure includes its nested loops once, like
    the whole program's), rescaled so that the once-counted program totals what the compiler's own
@@ -93,11 +94,15 @@ def _parse(text: str) -> tuple[dict[str, _Computation], str]:
             if w:
                 _, init, cond, body, rest = w.groups()
                 op = _OP_NAME.search(rest)
-                comp.loops.append((body, _trips(comps, comp, init, cond, rest), op.group(1) if op else ""))
+                comp.loops.append((body, _trips(comps, comp, init, cond, body, rest), op.group(1) if op else ""))
     return comps, entry
 
 
-def _trips(comps: dict[str, _Computation], comp: _Computation, init: str, cond: str, rest: str) -> int:
+def _defs(lines: list[str]) -> dict[str, str]:
+    return {d.group(1): d.group(2) for d in (re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", ln) for ln in lines) if d}
+
+
+def _trips(comps: dict[str, _Computation], comp: _Computation, init: str, cond: str, body: str, rest: str) -> int:
     known = _KNOWN_TRIPS.search(rest)
     if known:
         return int(known.group(1))
@@ -105,20 +110,40 @@ def _trips(comps: dict[str, _Computation], comp: _Computation, init: str, cond: 
     root = next((ln for ln in lines if ln.lstrip().startswith("ROOT ")), "")
     m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT", root)
     if m:
-        defs = {d.group(1): d.group(2) for d in (re.match(r"^\s*%([\w.\-]+) = (.*)$", ln) for ln in lines) if d}
+        defs = _defs(lines)
         counter, limit = defs.get(m.group(1), ""), defs.get(m.group(2), "")
         bound = re.search(r"constant\((-?\d+)\)", limit)
         index = re.search(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)", counter)
         if bound and index:
-            return max(0, int(bound.group(1)) - _initial(comp, init, int(index.group(1))))
+            i = int(index.group(1))
+            span = int(bound.group(1)) - _initial(comp, init, i)
+            step = _step(comps[body], i)
+            return max(0, -(-span // step))
     raise ValueError(f"cannot read the trip count of the loop whose condition is %{cond} (expected JAX's "
                      f"'counter < constant' form): {root.strip()[:200]}")
 
 
+def _step(body: _Computation, index: int) -> int:
+    """How much the body adds to the loop counter (tuple element `index`): 1 for JAX's scans; XLA's own
+    loops (the windowed einsums it makes of FSDP matmuls) may step by 2."""
+    defs = _defs(body.lines)
+    root = next((ln for ln in body.lines if ln.lstrip().startswith("ROOT ")), "")
+    operands = re.search(r"\btuple\((.*?)\)(?:,|$)", root)
+    if operands:
+        names = re.findall(r"%([\w.\-]+)", operands.group(1))
+        if index < len(names):
+            add = re.match(r".*?\badd\(%([\w.\-]+), %([\w.\-]+)\)", defs.get(names[index], ""))
+            if add:
+                for operand in add.groups():
+                    c = re.search(r"constant\((\d+)\)", defs.get(operand, ""))
+                    if c and int(c.group(1)) > 0:
+                        return int(c.group(1))
+    return 1
+
+
 def _initial(comp: _Computation, tuple_name: str, index: int) -> int:
     """The constant the loop counter starts from (element `index` of the loop's operand tuple)."""
-    defs = {d.group(1): d.group(2) for d in (re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", ln)
-                                             for ln in comp.lines) if d}
+    defs = _defs(comp.lines)
     operands = re.search(r"\btuple\((.*?)\)(?:,|$)", defs.get(tuple_name, ""))
     if operands:
         names = re.findall(r"%([\w.\-]+)", operands.group(1))

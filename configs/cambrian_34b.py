@@ -7,9 +7,10 @@ Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggreg
 1024, length 2048. Parameters and optimizer state are FSDP-sharded over every chip.
 
 Documented topology: both stages fit on v4-512 (256 chips, 32 GiB each) with accum=4, one row per
-chip per micro-batch; without accumulation stage 2 needs about 56 GiB per chip (the planner:
-`python -m cambrian_jax.plan --config configs/cambrian_34b.py --topology v4-512`). On another slice
-pass accum=… so that the 1024 rows split evenly over chips × accum.
+chip per micro-batch: stage 2 takes 16.22 GiB per chip by the TPU compiler; without accumulation it
+needs 38.24 GiB (the planner, docs/planning.md: `python -m cambrian_jax.plan --config
+configs/cambrian_34b.py --topology v4-512`; the einsum attention's float32 scores are most of it). On
+another slice pass accum=… so that the 1024 rows split evenly over chips × accum.
 
   python -m cambrian_jax.train --workdir gs://BUCKET/cambrian-34b \
     --config configs/cambrian_34b.py:data1=/data/alignment,data2=/data/cambrian7m,\

@@ -102,6 +102,40 @@ def test_the_trip_count_is_read_from_the_loop_condition(v5p8):
                                                                          (layers, accum)])
 
 
+def _counted_loop(start: int, bound: int, step: int) -> str:
+    return f"""HloModule m
+
+%cond (p: (s32[], f32[])) -> pred[] {{
+  %p = (s32[], f32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant({bound})
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}}
+
+%body (q: (s32[], f32[])) -> (s32[], f32[]) {{
+  %q = (s32[], f32[]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %x = f32[] get-tuple-element(%q), index=1
+  %k = s32[] constant({step})
+  %j = s32[] add(%i, %k)
+  ROOT %t = (s32[], f32[]) tuple(%j, %x)
+}}
+
+ENTRY %main (a: f32[]) -> (s32[], f32[]) {{
+  %a = f32[] parameter(0)
+  %z = s32[] constant({start})
+  %t = (s32[], f32[]) tuple(%z, %a)
+  ROOT %w = (s32[], f32[]) while(%t), condition=%cond, body=%body
+}}
+"""
+
+
+@pytest.mark.parametrize("start, bound, step, trips", [(0, 16, 1, 16), (0, 16, 2, 8), (3, 10, 1, 7), (0, 7, 2, 4)])
+def test_the_trip_count_takes_the_start_and_the_step(start, bound, step, trips):
+    comps, entry = compiled_cost._parse(_counted_loop(start, bound, step))
+    assert [t for _, t, _ in comps[entry].loops] == [trips]
+
+
 def test_an_unreadable_loop_condition_is_an_error_not_a_guess():
     hlo = """HloModule m
 
@@ -244,12 +278,14 @@ def test_34b_on_v4_512_by_the_tpu_compiler():
 
 @needs_libtpu
 def test_search_picks_the_shortest_predicted_run_among_those_that_fit():
-    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro", "--topology", "v5p-8",
-            "--stage", "1", "--json", "--search", "--max_compiles", "5", timeout=900)
+    # One row per chip: no accumulation to bisect, so each compile is a candidate (three remat policies).
+    p = run("-m", "cambrian_jax.plan", "--config", "configs/cambrian_tiny.py:micro,batch=4", "--topology", "v5p-8",
+            "--stage", "1", "--json", "--search", "--max_compiles", "3", timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     found = json.loads(p.stdout)["search"]
     rows = found["candidates"]
-    assert len(rows) >= 2 and all(r["gib_per_chip"] < 95 for r in rows)
+    assert len(rows) == 3 and all(r["gib_per_chip"] < 95 for r in rows)
+    assert len({r["remat"] for r in rows}) == 3
     best = min(rows, key=lambda r: r["run_s"])
     assert (found["remat"], found["tensor"], found["accum_steps"]) == (best["remat"], best["tensor"],
                                                                        best["accum_steps"])
