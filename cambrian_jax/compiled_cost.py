@@ -46,6 +46,7 @@ class Loop:
     trips: int               # iterations per run of the loop
     runs: int                # how often the loop itself runs (product of the enclosing loops' trips)
     flops_per_trip: float    # the body's FLOPs, its own nested loops counted by their trip counts
+    bytes_per_trip: float    # and its bytes accessed, likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +248,7 @@ def program_cost(compiled, peak_flops: float, hbm_bandwidth: float) -> ProgramCo
         name = stack.pop()
         for body, trips, op in comps[name].loops:
             runs[body] = runs[name] * trips
-            loops.append(Loop(body, op, trips, runs[name], totals[body][0]))
+            loops.append(Loop(body, op, trips, runs[name], totals[body][0], totals[body][1]))
             stack.append(body)
     return ProgramCost(flops=flops, bytes_accessed=nbytes, seconds=rt * optimal / once if scaled else rt,
                        roofline_seconds=rt, time_source="optimal_seconds" if scaled else "roofline",
