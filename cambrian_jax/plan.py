@@ -58,7 +58,7 @@ COMPILERS = ("auto", "tpu", "cpu")
 # the table). The roofline assumes perfect overlap and no host or input time, so it is optimistic.
 # v4: MaxText's 22B on v4-128 (1.074) and 52B on v4-384 (1.197), geometric mean; both ran the same
 # kind of attention as ours (no flash kernel, 1024 tokens). The v5p and v6e runs used flash/Splash
-# attention at 2048–8192 tokens, which our einsum attention cannot match, so their ratios (0.39–0.67)
+# attention at 2048–8192 tokens, which our einsum attention cannot match, so their ratios (0.39–0.78)
 # measure the missing kernel, not the roofline: no factor for them until the kernels land.
 CALIBRATION: dict[str, float] = {"v4": 1.134}
 

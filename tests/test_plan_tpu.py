@@ -292,3 +292,16 @@ def test_search_picks_the_shortest_predicted_run_among_those_that_fit():
     assert found["plan"]["compiler"] == "tpu"
     assert found["plan"]["predicted_step_time_s"] == pytest.approx(best["step_s"]["1"])
     assert "shortest predicted run first" in p.stderr and "GiB/chip" in p.stderr
+
+
+@needs_libtpu
+def test_the_calibration_benchmark_runs_at_its_smallest(tmp_path):
+    """benchmarks/calibrate_tpu.py on its development shape: our decoder's step on v5p-8, its loops
+    counted, its compiler FLOPs close to the analytic count (the published figures need the big runs)."""
+    out = tmp_path / "tiny.json"
+    p = run("benchmarks/calibrate_tpu.py", "--runs", "tiny", "--out", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["run"] == "tiny" and row["chip"] == "v5p" and row["fits"]
+    assert sorted(lp["trips"] for lp in row["loops"]) == [row["layers"], row["layers"]]
+    assert 0.95 < row["compiler_flops_over_ours"] < 1.2 and row["predicted_s"] > 0
