@@ -205,6 +205,9 @@ def test_example_runs(block, main_job, fresh_copy, tmp_path):
             assert _shown_in(expected, got), f"{_id(block)}: {cmd}\nshown:\n{expected}\nprinted:\n{got[-3000:]}"
 
 
+TABLE_TOLERANCE = 0.03
+
+
 def test_the_main_job_table_is_the_real_one(main_job):
     """The README's table of the main job is what the main job prints (its eval_results.json)."""
     import json
@@ -216,9 +219,14 @@ def test_the_main_job_table_is_the_real_one(main_job):
     text = "\n".join(p.read_text() for p in DOCS)
     table = re.search(r"```text\ntask        accuracy   blind  chance     n\n(.*?)```", text, re.S).group(1)
     rows = {line.split()[0]: [float(x) for x in line.split()[1:4]] for line in table.strip().splitlines()}
-    assert rows["all"] == [round(r["accuracy"], 3), round(r["accuracy_blind"], 3), round(r["chance"], 3)], rows
+    # XLA compiles CPU code for the processor it runs on, so another machine rounds differently and 600
+    # steps amplify it: the figures shown were made on one machine (and repeat there exactly); elsewhere
+    # each must be within TABLE_TOLERANCE (2 of 80 questions), chance exactly.
+    assert rows["all"][2] == round(r["chance"], 3), rows
+    assert rows["all"][:2] == pytest.approx([r["accuracy"], r["accuracy_blind"]], abs=TABLE_TOLERANCE), rows
     for task, v in r["per_task"].items():
-        assert rows[task][:2] == [round(v["accuracy"], 3), round(v["accuracy_blind"], 3)], (task, rows[task], v)
+        assert rows[task][:2] == pytest.approx([v["accuracy"], v["accuracy_blind"]], abs=TABLE_TOLERANCE), (
+            task, rows[task], v)
 
 
 # What "the main job learns" means, as issue thresholds: with images well above chance, without them at chance.
