@@ -202,45 +202,41 @@ def hlo_text(compiled) -> str:
 def program_cost(compiled, peak_flops: float, hbm_bandwidth: float) -> ProgramCost:
     """Per-device FLOPs, bytes and predicted seconds of `compiled`, loops counted by their trip counts."""
     reported = compiled.cost_analysis() or {}
-    if isinstance(reported, (list, tuple)):      # older jax: one dict per partition
-        reported = reported[0] if reported else {}
     comps, entry = _parse(hlo_text(compiled))
     bodies = {body for c in comps.values() for body, _, _ in c.loops}
     _analyse(comps, [entry, *sorted(bodies)])
     # The generic analysis splits the program into computations; the TPU compiler's own totals (which
     # count TPU layouts and fusions: its bytes differ from the generic count by up to 40 %) set the scale.
     for key, attr in (("flops", "flops"), ("bytes accessed", "bytes")):
-        once = getattr(comps[entry], attr)
-        if reported.get(key) and once > 0:
-            k = float(reported[key]) / once
+        generic = getattr(comps[entry], attr)
+        if reported.get(key) and generic > 0:
+            k = float(reported[key]) / generic
             for name in (entry, *bodies):
                 setattr(comps[name], attr, getattr(comps[name], attr) * k)
 
     def roofline(flops: float, nbytes: float) -> float:
         return flops / peak_flops + nbytes / hbm_bandwidth
 
+    # Each computation's own cost: its figure less its loops' bodies (which it counts once).
+    own = {name: (max(c.flops - sum(comps[b].flops for b, _, _ in c.loops), 0.0),
+                  max(c.bytes - sum(comps[b].bytes for b, _, _ in c.loops), 0.0))
+           for name, c in comps.items() if name == entry or name in bodies}
     totals: dict[str, tuple[float, float, float]] = {}   # per run: flops, bytes, roofline seconds
 
     def total(name: str, stack=()) -> tuple[float, float, float]:
         if name in stack:
             raise ValueError(f"loop body %{name} contains itself")
         if name not in totals:
-            c = comps[name]
-            own_f, own_b = c.flops, c.bytes
-            f = b = t = 0.0
-            for body, trips, _ in c.loops:
-                own_f -= comps[body].flops
-                own_b -= comps[body].bytes
+            f, b = own[name]
+            t = roofline(f, b)
+            for body, trips, _ in comps[name].loops:
                 bf, bb, bt = total(body, (*stack, name))
                 f, b, t = f + trips * bf, b + trips * bb, t + trips * bt
-            own_f, own_b = max(own_f, 0.0), max(own_b, 0.0)
-            totals[name] = (own_f + f, own_b + b, roofline(own_f, own_b) + t)
+            totals[name] = (f, b, t)
         return totals[name]
 
     flops, nbytes, rt = total(entry)
-    once = sum(roofline(max(c.flops - sum(comps[b].flops for b, _, _ in c.loops), 0.0),
-                        max(c.bytes - sum(comps[b].bytes for b, _, _ in c.loops), 0.0))
-               for name, c in comps.items() if name == entry or name in bodies)
+    once = sum(roofline(f, b) for f, b in own.values())
     optimal = float(reported.get("optimal_seconds", 0.0) or 0.0)
     scaled = optimal > 0 and once > 0
     loops, runs, stack = [], {entry: 1}, [entry]
