@@ -16,7 +16,9 @@ This module reads the compiled (optimised, partitioned) HLO instead:
    the whole program's), rescaled so that the once-counted program totals what the compiler's own
    `cost_analysis()` says;
 3. each computation's own cost (its figure less its loops' bodies) times how often it runs (the
-   product of the trip counts of the loops around it).
+   product of the trip counts of the loops around it);
+4. Pallas kernels (custom calls, invisible to the cost analysis): Splash's FLOPs from its operand
+   shapes (`_kernel_flops`), timed at peak and added to the prediction.
 
 The time is a roofline, FLOPs / peak + bytes / HBM bandwidth per computation (additive, as the TPU
 compiler's own `optimal_seconds` behaves: within 5 % of it on the programs in tests/test_plan_tpu.py),
@@ -60,6 +62,7 @@ class ProgramCost:
     reported_bytes: float
     optimal_seconds: float        # cost_analysis()["optimal_seconds"] (TPU only; 0 elsewhere)
     loops: tuple[Loop, ...]
+    kernel_flops: float = 0.0     # of Pallas kernels (Splash), which XLA's cost analysis cannot see; in flops
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +197,28 @@ def _analyse(comps: dict[str, _Computation], names) -> None:
         comps[name].bytes = float(cost.get("bytes accessed", 0.0))
 
 
+# Pallas kernels are custom calls whose FLOPs XLA's cost analysis cannot see. Splash's (the decoder's
+# causal self-attention, cambrian_jax/attention.py) are counted from their operands: q [b, nh, T, d],
+# k [b, kv, S, d] and the block grid [1, T/bq, S/bk], matmul FLOPs per (query, key) pair and head dim
+# 4 forward (q·k, p·v), 6 for dq (q·k, do·v, ds·k) and 8 for dk/dv (q·k, p·do, do·v, ds·q), over the
+# blocks a causal mask leaves (n(n+1)/2 of n² for n blocks a side).
+_SPLASH = re.compile(r"^\s*(?:ROOT )?%splash_mha_(fwd|dq|dkv)\S* = .*custom_call_target=\"tpu_custom_call\", "
+                     r"operand_layout_constraints=\{([^=]*)\}")
+_SPLASH_WORK = {"fwd": 4, "dq": 6, "dkv": 8}
+
+
+def _kernel_flops(line: str) -> float:
+    m = _SPLASH.match(line)
+    if not m:
+        return 0.0
+    shapes = [[int(x) for x in dims.split(",")] for dims in re.findall(r"\w+\[([\d,]+)\]", m.group(2))]
+    grid = next((d for d in shapes if len(d) == 3 and d[0] == 1), None)
+    q, k = [d for d in shapes if len(d) == 4][:2]
+    n = grid[1] if grid and grid[1] == grid[2] else 0
+    causal = (n + 1) / (2 * n) if n else 1.0
+    return _SPLASH_WORK[m.group(1)] * q[0] * q[1] * q[2] * k[2] * q[3] * causal
+
+
 def hlo_text(compiled) -> str:
     """The compiled module's HLO, less the stack-frame references the text parser cannot resolve."""
     return re.sub(r"\s*stack_frame_id=\d+", "", compiled.as_text())
@@ -213,30 +238,41 @@ def program_cost(compiled, peak_flops: float, hbm_bandwidth: float) -> ProgramCo
             k = float(reported[key]) / generic
             for name in (entry, *bodies):
                 setattr(comps[name], attr, getattr(comps[name], attr) * k)
+    # The kernels' FLOPs (kept apart: the compiler's optimal_seconds does not include them either),
+    # counted like the rest: each computation's figure includes what it reaches, nested loops once.
+    callees, kernels = _callees(comps), {}
+
+    def kernel(name: str) -> float:
+        if name not in kernels:
+            kernels[name] = 0.0       # a computation reached twice on one path is counted once
+            kernels[name] = (sum(_kernel_flops(ln) for ln in comps[name].lines)
+                             + sum(kernel(c) for c in callees[name]))
+        return kernels[name]
 
     def roofline(flops: float, nbytes: float) -> float:
         return flops / peak_flops + nbytes / hbm_bandwidth
 
     # Each computation's own cost: its figure less its loops' bodies (which it counts once).
     own = {name: (max(c.flops - sum(comps[b].flops for b, _, _ in c.loops), 0.0),
-                  max(c.bytes - sum(comps[b].bytes for b, _, _ in c.loops), 0.0))
+                  max(c.bytes - sum(comps[b].bytes for b, _, _ in c.loops), 0.0),
+                  max(kernel(name) - sum(kernel(b) for b, _, _ in c.loops), 0.0))
            for name, c in comps.items() if name == entry or name in bodies}
-    totals: dict[str, tuple[float, float, float]] = {}   # per run: flops, bytes, roofline seconds
+    totals: dict[str, tuple[float, float, float, float]] = {}   # per run: flops, bytes, roofline s, kernel flops
 
-    def total(name: str, stack=()) -> tuple[float, float, float]:
+    def total(name: str, stack=()) -> tuple[float, float, float, float]:
         if name in stack:
             raise ValueError(f"loop body %{name} contains itself")
         if name not in totals:
-            f, b = own[name]
+            f, b, kf = own[name]
             t = roofline(f, b)
             for body, trips, _ in comps[name].loops:
-                bf, bb, bt = total(body, (*stack, name))
-                f, b, t = f + trips * bf, b + trips * bb, t + trips * bt
-            totals[name] = (f, b, t)
+                bf, bb, bt, bk = total(body, (*stack, name))
+                f, b, t, kf = f + trips * bf, b + trips * bb, t + trips * bt, kf + trips * bk
+            totals[name] = (f, b, t, kf)
         return totals[name]
 
-    flops, nbytes, rt = total(entry)
-    once = sum(roofline(f, b) for f, b in own.values())
+    flops, nbytes, rt, kflops = total(entry)
+    once = sum(roofline(f, b) for f, b, _ in own.values())
     optimal = float(reported.get("optimal_seconds", 0.0) or 0.0)
     scaled = optimal > 0 and once > 0
     loops, runs, stack = [], {entry: 1}, [entry]
@@ -244,10 +280,12 @@ def program_cost(compiled, peak_flops: float, hbm_bandwidth: float) -> ProgramCo
         name = stack.pop()
         for body, trips, op in comps[name].loops:
             runs[body] = runs[name] * trips
-            loops.append(Loop(body, op, trips, runs[name], totals[body][0], totals[body][1]))
+            loops.append(Loop(body, op, trips, runs[name], totals[body][0] + totals[body][3], totals[body][1]))
             stack.append(body)
-    return ProgramCost(flops=flops, bytes_accessed=nbytes, seconds=rt * optimal / once if scaled else rt,
-                       roofline_seconds=rt, time_source="optimal_seconds" if scaled else "roofline",
+    kernel_s = kflops / peak_flops
+    return ProgramCost(flops=flops + kflops, bytes_accessed=nbytes,
+                       seconds=(rt * optimal / once if scaled else rt) + kernel_s,
+                       roofline_seconds=rt + kernel_s, time_source="optimal_seconds" if scaled else "roofline",
                        reported_flops=float(reported.get("flops", 0.0)),
                        reported_bytes=float(reported.get("bytes accessed", 0.0)),
-                       optimal_seconds=optimal, loops=tuple(loops))
+                       optimal_seconds=optimal, loops=tuple(loops), kernel_flops=kflops)

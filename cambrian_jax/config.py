@@ -195,6 +195,9 @@ class ConnectorConfig:
                      for j in range(self.num_of_vision_sampler_layers))
 
 
+# Attention implementations (cambrian_jax/attention.py; auto = splash on TPU, cudnn on GPU, xla elsewhere).
+ATTENTION = ("auto", "xla", "splash", "cudnn")
+
 # Names of the decoder's remat policies (decoder.REMAT_POLICIES holds what each saves).
 REMAT_POLICIES = ("none", "full", "dots", "dots_all", "qkv_proj", "qkv_and_outputs")
 
@@ -208,6 +211,7 @@ class CambrianConfig:
     max_len: int = 2048
     dtype: str = "float32"          # compute dtype; parameters are always float32
     remat: str = "none"             # remat policy name for decoder layers (see decoder.REMAT_POLICIES)
+    attention: str = "auto"         # decoder attention: auto | xla | splash | cudnn (cambrian_jax/attention.py)
 
     def validate(self) -> "CambrianConfig":
         validate(self)
@@ -299,6 +303,8 @@ def validate(cfg: CambrianConfig) -> None:
         raise _err("model.dtype", f"{cfg.dtype!r} is not one of float32, bfloat16, float16")
     if cfg.remat not in REMAT_POLICIES:
         raise _err("model.remat", f"{cfg.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    if cfg.attention not in ATTENTION:
+        raise _err("model.attention", f"{cfg.attention!r} is not one of {', '.join(ATTENTION)}")
 
 
 def from_dict(d: Mapping[str, Any]) -> CambrianConfig:
@@ -321,5 +327,6 @@ def from_dict(d: Mapping[str, Any]) -> CambrianConfig:
         dec["rope_scaling"] = tuple(sorted(dict(dec["rope_scaling"]).items()))
     cfg = CambrianConfig(towers=towers, connector=con, decoder=DecoderConfig(**dec),
                          image_position=d["image_position"], max_len=d.get("max_len", 2048),
-                         dtype=d.get("dtype", "float32"), remat=d.get("remat", "none"))
+                         dtype=d.get("dtype", "float32"), remat=d.get("remat", "none"),
+                         attention=d.get("attention", "auto"))
     return cfg.validate()

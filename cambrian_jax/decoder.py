@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from cambrian_jax import attention as attn
 from cambrian_jax.config import DecoderConfig
 from cambrian_jax.layers import Linear, RMSNorm, param, silu
 from cambrian_jax.sharding import constrain
@@ -140,21 +141,8 @@ class Projection(nnx.Module):
         return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention without repeating K/V.
-
-    q [B, T, NH, D], k/v [B, S, KV, D], allowed [B, T, S] (True = may attend). Scores and softmax in
-    float32; a row with no allowed key gets uniform weights (finite, never NaN).
-    """
-    b, t, nh, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, nh // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(d ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(b, t, nh, d)
+# The XLA implementation, under its historical name.
+attend = attn.xla
 
 
 class Attention(nnx.Module):
@@ -165,20 +153,24 @@ class Attention(nnx.Module):
         self.v = Projection((h, kv, d), ("embed", "kv_heads", "head_dim"), "bth,hnd->btnd", dtype=dtype, rngs=rngs)
         self.o = Projection((nh, d, h), ("heads", "head_dim", "embed"), "btnd,ndh->bth", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, cache=None, index=None):
-        """Returns (output, (k, v) of the new tokens). With cache = (k, v) [B, S, KV, D] of this layer,
-        the new keys/values are written at `index` and the queries attend over the whole cache."""
+    def __call__(self, x, cos, sin, mask, cache=None, index=None, implementation="xla"):
+        """Returns (output, (k, v) of the new tokens).
+
+        Without a cache: causal self-attention, mask [B, T] the key mask, by `implementation`
+        (attention.IMPLEMENTATIONS). With cache = (k, v) [B, S, KV, D] of this layer: the new keys/values
+        are written at `index` and the queries attend over the whole cache, mask [B, T, S] the allowed
+        pairs (the XLA implementation: one new token per step is no work for a kernel)."""
         # Pinned before naming, so a remat policy saves the tensor in its pinned layout.
         q = checkpoint_name(constrain(apply_rope(self.q(x), cos, sin), QUERY_HEADS), "query")
         k = checkpoint_name(constrain(apply_rope(self.k(x), cos, sin), KV_HEADS), "key")
         v = checkpoint_name(constrain(self.v(x), KV_HEADS), "value")
         if cache is None:
-            keys, values = k, v
+            out = attn.attend(q, k, v, mask, implementation=implementation)
         else:
             keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        out = self.o(constrain(attend(q, keys, values, allowed), QUERY_HEADS))
+            out = attn.xla(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        out = self.o(constrain(out, QUERY_HEADS))
         return checkpoint_name(constrain(out, HIDDEN), "attn_out"), (k, v)
 
 
@@ -202,12 +194,18 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, cache=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, index=None, implementation="xla"):
         x = constrain(x, HIDDEN)     # the residual stream
-        a, kv = self.attn(self.attn_norm(x), cos, sin, allowed, cache, index)
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, cache, index, implementation)
         x = constrain(x + a.astype(x.dtype), HIDDEN)
         x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
         return constrain(x, HIDDEN), kv
+
+
+def lm_logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """hidden [B, T, H] @ lm_head kernel [H, V] in `dtype`, accumulated and returned in float32."""
+    return constrain(jnp.einsum("bth,hv->btv", hidden.astype(dtype), kernel.astype(dtype),
+                                preferred_element_type=jnp.float32), LOGITS)
 
 
 # ------------------------------------------------------------------------------------------ KV cache
@@ -250,13 +248,16 @@ def check_agg_layers(agg_layers: Sequence[int], num_layers: int, num_aggregators
 class Decoder(nnx.Module):
     """Embeddings in, final-normed hidden states out; `embed(ids)` and `logits(hidden)` around it."""
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, remat: str = "none", attention: str = "auto",
+                 rngs: nnx.Rngs):
         if cfg.num_heads % cfg.num_kv_heads:
             raise ValueError(f"decoder num_heads={cfg.num_heads} is not a multiple of num_kv_heads="
                              f"{cfg.num_kv_heads}")
         rope_inv_freq(cfg)     # validates rope_scaling now rather than at trace time
         remat_policy(remat)
+        attn.resolve(attention, "cpu")     # validates the name now
         self.cfg = cfg
+        self.attention = attention
         self.dtype = dtype
         self.remat = remat
         self.embedding = param(rngs, nnx.initializers.normal(INIT_STD), (cfg.vocab_size, cfg.hidden_size),
@@ -280,9 +281,7 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] (matmul in the compute dtype, accumulated and returned in float32)."""
-        return constrain(jnp.einsum("bth,hv->btv", hidden.astype(self.dtype),
-                                    self.lm_head.kernel[...].astype(self.dtype),
-                                    preferred_element_type=jnp.float32), LOGITS)
+        return lm_logits(hidden, self.lm_head.kernel[...], self.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.cfg
@@ -311,21 +310,21 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(rope_inv_freq(cfg), positions, self.dtype)
 
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            allowed = causal[None] & mask[:, None, :]
+            attn_mask = mask                                                      # keys; causal by the layer
             index, kv, new_mask = None, None, None
         else:
             index = cache.index
             new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
             slots = jnp.arange(cache.max_len)
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]          # [T, S]
-            allowed = causal[None] & new_mask[:, None, :]
+            attn_mask = causal[None] & new_mask[:, None, :]
             kv = (cache.k, cache.v)
 
         graphdef, params = nnx.split(self.layers)
+        impl = attn.resolve(self.attention)
 
         def layer_fn(p, h, layer_cache):
-            return nnx.merge(graphdef, p)(h, cos, sin, allowed, layer_cache, index)
+            return nnx.merge(graphdef, p)(h, cos, sin, attn_mask, layer_cache, index, impl)
 
         policy = remat_policy(self.remat)
         if self.remat != "none":

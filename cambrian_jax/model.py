@@ -31,7 +31,7 @@ class Cambrian(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.towers = nnx.List([build_tower(t, dtype=dtype, rngs=rngs) for t in cfg.towers])
         self.connector = build_connector(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg.decoder, dtype=dtype, remat=cfg.remat, rngs=rngs)
+        self.decoder = Decoder(cfg.decoder, dtype=dtype, remat=cfg.remat, attention=cfg.attention, rngs=rngs)
 
     def encode_images(self, pixels: Sequence[jax.Array]) -> list[jax.Array]:
         """Per-tower features [B, s_k², C_k] from per-tower pixels [B, R_k, R_k, 3]."""

@@ -151,6 +151,11 @@ def rules_context(rules: Sequence[tuple[str, Any]], mesh: Mesh) -> Iterator[Cons
         _ACTIVE.reset(token)
 
 
+def active() -> Constrainer | None:
+    """The rules and mesh of the enclosing `rules_context`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin activation `x` to the sharding its logical axis names resolve to in the active
     `rules_context`; the identity (nothing enters the program) when none is active."""

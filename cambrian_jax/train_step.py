@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from cambrian_jax.config import IGNORE_INDEX, TowerConfig
+from cambrian_jax.decoder import LOGITS, lm_logits
 
 
 def model_inputs(batch: dict[str, jax.Array], towers: Sequence[TowerConfig]) -> dict[str, Any]:
@@ -47,6 +48,38 @@ def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def chunked_token_losses(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], labels: jax.Array,
+                         chunk: int) -> tuple[jax.Array, jax.Array]:
+    """token_losses(logits_fn(hidden), labels), never holding more than `chunk` positions' logits.
+
+    hidden [B, T, H] → (loss sum, count). The positions are cut into chunks of `chunk` (the last
+    padded with ignored targets) and scanned; each chunk's logits are recomputed in the backward pass
+    (jax.checkpoint), so the float32 [B, T, V] logits and their gradient never exist whole: for a
+    128,256-token vocabulary at 2048 positions that is 1 GiB per row, against chunk/2048 of it.
+    """
+    b, t, _ = hidden.shape
+    targets = labels[:, 1:]
+    n = -(-(t - 1) // chunk)
+    pad = n * chunk - (t - 1)
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    chunks = lambda x: jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)    # [n, B, chunk, ...]
+
+    @jax.checkpoint
+    def one(h_c, t_c):
+        weights = t_c != IGNORE_INDEX
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(h_c).astype(jnp.float32),
+                                                             jnp.where(weights, t_c, 0))
+        return jnp.sum(ce * weights), jnp.sum(weights)
+
+    def body(carry, xs):
+        loss, count = one(*xs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    (loss, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (chunks(h), chunks(targets)))
+    return loss, count
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFns:
     train: Callable
@@ -54,7 +87,8 @@ class StepFns:
 
 
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, towers: Sequence[TowerConfig],
-              accum_steps: int, constrain: Callable[[jax.Array, tuple], jax.Array] | None = None) -> StepFns:
+              accum_steps: int, constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
+              loss_chunk: int = 0) -> StepFns:
     """train(state, frozen, batch) -> (state, metrics); state = {'params', 'opt', 'step'}.
 
     The batch's leading axis is split into `accum_steps` micro-batches whose gradients are summed
@@ -63,15 +97,20 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, towers: 
     (state, frozen, batch), which is what makes a resumed run equal an uninterrupted one.
 
     `constrain(x, logical_names)` pins an activation's sharding (sharding.Constrainer); by default
-    activations follow the compiler's propagation from the inputs.
+    activations follow the compiler's propagation from the inputs. `loss_chunk` > 0 computes the
+    cross-entropy `loss_chunk` positions at a time (chunked_token_losses); 0 from the whole logits.
     """
     pin = constrain or (lambda x, names: x)
 
     def loss_sum(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         batch = {k: pin(v, ("activation_batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
-        logits = model(**model_inputs(batch, towers))
-        logits = pin(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if loss_chunk:
+            hidden = model.hidden_states(**model_inputs(batch, towers))
+            kernel, dtype = model.decoder.lm_head.kernel[...], model.decoder.dtype
+            logits_fn = lambda h: pin(lm_logits(h, kernel, dtype), LOGITS)
+            return chunked_token_losses(hidden, logits_fn, batch["labels"], loss_chunk)
+        logits = pin(model(**model_inputs(batch, towers)), LOGITS)
         return token_losses(logits, batch["labels"])
 
     def train(state, frozen, batch):

@@ -232,6 +232,10 @@ class TrainSetup:
         self.mesh = mesh
         self.process_count = jax.process_count() if process_count is None else process_count
         self.rules = [tuple(r) for r in config.sharding_rules]
+        self.loss_chunk = int(config.get("loss_chunk", 0) or 0)
+        if self.loss_chunk < 0:
+            raise ConfigError(f"config field loss_chunk: {self.loss_chunk} must be 0 (the whole logits at once) or "
+                              "a positive number of positions per chunk")
         self.stages = tuple(int(s) for s in config.get("stages", (1, 2)))
         if not self.stages or set(self.stages) - {1, 2} or list(self.stages) != sorted(set(self.stages)):
             raise ConfigError(f"config field stages: {self.stages} must be (1, 2), (1,) or (2,)")
@@ -268,7 +272,7 @@ class TrainSetup:
                          step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
         batch_sh = sharding.batch_sharding(self.mesh)
         fns = make_step(self.graphdef, tx, self.model_cfg.towers, int(plan.stage.accum_steps),
-                        sharding.Constrainer(self.rules, self.mesh))
+                        sharding.Constrainer(self.rules, self.mesh), loss_chunk=self.loss_chunk)
         step = jax.jit(fns.train, in_shardings=(sh_state, plan.sh_frozen, batch_sh),
                        out_shardings=(sh_state, replicated), donate_argnums=(0,))
         return StageProgram(plan, tx, schedules, sh_opt, abs_state, abstract(plan.abs_frozen, plan.sh_frozen),

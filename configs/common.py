@@ -67,6 +67,7 @@ def released_model(size: str) -> ml_collections.ConfigDict:
         max_len=2048,
         dtype="bfloat16",
         remat="full",
+        attention="auto",       # Splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere (cambrian_jax/attention.py)
     ))
 
 
@@ -236,6 +237,9 @@ def training_config(size: str, arg, *, global_batch: int, stage1_lr: tuple[float
     config.sharding_rules = SHARDING_RULES
     config.checkpoint = checkpoint(save_interval_steps=save_every[0], keep=3)
     config.log_every = 10
+    # The cross-entropy 512 positions at a time (train_step.chunked_token_losses): the float32 logits
+    # of a 32k–128k vocabulary never exist whole; 0 = all at once.
+    config.loss_chunk = 512
     config.compilation_cache_dir = ""   # e.g. WORKDIR/xla_cache: a restart after preemption skips compiling
     config.eval = None
     stage_options(config, arg)

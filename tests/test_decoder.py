@@ -257,10 +257,9 @@ def unrolled_reference(dec, aggs, agg_layers, x, positions, mask, features):
     graphdef, layers = nnx.split(dec.layers)
     agg_def, agg_state = nnx.split(aggs)
     cos, sin = rope_tables(rope_inv_freq(dec.cfg), positions, jnp.float32)
-    allowed = jnp.tril(jnp.ones((x.shape[1],) * 2, bool))[None] & mask[:, None, :]
     h = x
     for i in range(dec.cfg.num_layers):
-        h, _ = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], layers))(h, cos, sin, allowed)
+        h, _ = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], layers))(h, cos, sin, mask)
         if i in agg_layers:
             j = agg_layers.index(i)
             h = toy_aggregate(features)(nnx.merge(agg_def, jax.tree.map(lambda a: a[j], agg_state)), h)
