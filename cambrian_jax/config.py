@@ -199,7 +199,8 @@ class ConnectorConfig:
 ATTENTION = ("auto", "xla", "splash", "cudnn")
 
 # Names of the decoder's remat policies (decoder.REMAT_POLICIES holds what each saves).
-REMAT_POLICIES = ("none", "full", "dots", "dots_all", "qkv_proj", "qkv_and_outputs")
+REMAT_POLICIES = ("none", "full", "dots", "dots_all", "qkv_proj", "qkv_and_outputs", "save_dot_except_mlp",
+                  "qkv_proj_offloaded", "minimal_offloaded", "minimal", "save_qkv_proj")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,16 +56,31 @@ from cambrian_jax.layers import Linear, RMSNorm, param, silu
 from cambrian_jax.sharding import constrain
 
 # Remat policies for the layer body, chosen by name from CambrianConfig.remat. 'none' = no remat.
-# The named ones save the tensors tagged with checkpoint_name in the layer body.
+# The named ones save (or offload to host memory) the tensors tagged with checkpoint_name in the layer
+# body: query/key/value (the projections' outputs after RoPE), attn_out and mlp_out. MaxText's names
+# (its `remat_policy`) are aliases of the nearest of ours.
+_SAVE = jax.checkpoint_policies.save_only_these_names
+
+
+def _offload(*names):
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names), offload_src="device",
+        offload_dst="pinned_host")
+
+
 REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
-    "qkv_and_outputs": jax.checkpoint_policies.save_only_these_names(
-        "query", "key", "value", "attn_out", "mlp_out"),
+    "none": None,                                                     # save everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,                 # save nothing: recompute the layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every weight matmul's output
+    "dots_all": jax.checkpoint_policies.dots_saveable,                # and the attention einsums'
+    "qkv_proj": _SAVE("query", "key", "value"),
+    "qkv_and_outputs": _SAVE("query", "key", "value", "attn_out", "mlp_out"),
+    "save_dot_except_mlp": _SAVE("query", "key", "value", "attn_out"),   # everything but the MLP's
+    "qkv_proj_offloaded": _offload("query", "key", "value"),          # to host memory (TPU, GPU)
+    "minimal_offloaded": _offload("query", "key", "value", "attn_out", "mlp_out"),
 }
+REMAT_ALIASES = {"minimal": "dots", "save_qkv_proj": "qkv_proj"}   # MaxText's name: ours
+REMAT_POLICIES.update({alias: REMAT_POLICIES[ours] for alias, ours in REMAT_ALIASES.items()})
 
 
 def remat_policy(name: str):

@@ -126,7 +126,11 @@ RECOMPUTED = {
     "qkv_and_outputs": ("attention", "gate_up"),
     "qkv_proj": ("attention", "o", "gate_up"),
     "full": ("qkv", "attention", "o", "gate_up"),
+    "save_dot_except_mlp": ("attention", "gate_up"),  # q, k, v and the attention output saved; the MLP not
+    "qkv_proj_offloaded": ("attention", "o", "gate_up"),
+    "minimal_offloaded": ("attention", "gate_up"),
 }
+RECOMPUTED.update(minimal=RECOMPUTED["dots"], save_qkv_proj=RECOMPUTED["qkv_proj"])   # decoder.REMAT_ALIASES
 
 
 def recompute_flops_per_sample(cfg: CambrianConfig, seq_len: int) -> float:

@@ -365,9 +365,14 @@ def search(config, topo: topology.Topology, stages: Sequence[int], *, mfu: float
     from cambrian_jax.config import ConfigError  # noqa: PLC0415
     from cambrian_jax.trainer import TrainSetup  # noqa: PLC0415
 
+    from cambrian_jax.decoder import REMAT_ALIASES  # noqa: PLC0415
+
     model_cfg = config_lib.from_dict(config.model)
-    # Least recomputation first; of two that recompute alike ('none', 'dots_all'), 'none' keeps more.
-    ladder = sorted(flops.RECOMPUTED, key=lambda p: (flops.recompute_flops_per_sample(
+    # Not searched: aliases (MaxText's names for ours) and the host-offloading policies, whose transfers
+    # over PCIe the compiler's roofline does not time. Least recomputation first; of two that recompute
+    # alike ('none', 'dots_all'), 'none' keeps more.
+    policies = {p for p in flops.RECOMPUTED if p not in REMAT_ALIASES and not p.endswith("_offloaded")}
+    ladder = sorted(policies, key=lambda p: (flops.recompute_flops_per_sample(
         dataclasses.replace(model_cfg, remat=p), model_cfg.max_len), p != "none", p))
     heads = model_cfg.decoder.num_heads
     tensors = [t for t in (1, 2, 4, 8) if heads % t == 0 and topo.chips % t == 0]

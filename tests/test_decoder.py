@@ -393,12 +393,20 @@ def test_remat_policy_is_applied_to_the_layer_body(llama, name):
     assert sorted(policies, key=id) == sorted(expected + [None], key=id)
 
 
-def test_gradients_with_remat_and_aggregators_match_unrolled_loop(llama):
+def test_every_remat_policy_has_a_recompute_account():
+    from cambrian_jax import config as config_lib, flops
+
+    assert set(REMAT_POLICIES) == set(config_lib.REMAT_POLICIES) == set(flops.RECOMPUTED)
+
+
+@pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
+def test_gradients_with_remat_and_aggregators_match_unrolled_loop(llama, remat):
     """Gradients (decoder, aggregators, vision features) through the checkpointed layer scan and the
-    checkpointed aggregator step equal those of the plain unrolled loop. Two layers keep it cheap."""
+    checkpointed aggregator step equal those of the plain unrolled loop, for every remat policy
+    (the host-offloading ones too: the CPU backend has a host memory space). Two layers keep it cheap."""
     cfg = dataclasses.replace(llama.cfg, num_layers=2)
     tensors = {k: v[:2] if k.startswith("layers/") else v for k, v in llama.tensors.items()}
-    graphdef, state = nnx.split(_decoder(cfg, tensors, remat="full"))
+    graphdef, state = nnx.split(_decoder(cfg, tensors, remat=remat))
     agg_def, agg_state = nnx.split(make_aggregators(2))
     x = jax.random.normal(jax.random.key(0), (B, 8, 64))
     features = jax.random.normal(jax.random.key(1), (B, 4, 64))
