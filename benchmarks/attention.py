@@ -50,11 +50,10 @@ def parity(impl: str) -> tuple[float, float]:
             max(float(np.abs(a - b).max()) for a, b in zip(out_g, ref_g)))
 
 
-def on_tpu(impl: str, topo: topology.Topology, b: int, t: int, nh: int, kv: int, d: int) -> tuple[float, float, float]:
+def compile_attention(impl: str, mesh, b: int, t: int, nh: int, kv: int, d: int):
+    """Forward + backward of causal attention by `impl` (bf16), rows over the mesh's fsdp axis, compiled."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    devices = topology.compile_only_devices(topo)
-    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, len(devices), 1), sharding.MESH_AXES)
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     q = jax.ShapeDtypeStruct((b, t, nh, d), jnp.bfloat16, sharding=rows)
     k = jax.ShapeDtypeStruct((b, t, kv, d), jnp.bfloat16, sharding=rows)
@@ -64,31 +63,46 @@ def on_tpu(impl: str, topo: topology.Topology, b: int, t: int, nh: int, kv: int,
         out = lambda q, k, v: jnp.sum(attention.attend(q, k, v, keys, implementation=impl).astype(jnp.float32))
         return jax.grad(out, argnums=(0, 1, 2))(q, k, v)
 
+    # The default precision (tests set 'highest'), which Mosaic needs for bf16 operands.
+    with sharding.rules_context(sharding.DEFAULT_RULES, mesh), jax.default_matmul_precision("default"):
+        return jax.jit(step).lower(q, k, k, keys).compile()
+
+
+def tpu_mesh(topo: topology.Topology):
+    devices = topology.compile_only_devices(topo)
+    return jax.sharding.Mesh(np.asarray(devices).reshape(1, len(devices), 1), sharding.MESH_AXES)
+
+
+def on_tpu(impl: str, topo: topology.Topology, *shape: int) -> tuple[float, float, float]:
     t0 = time.perf_counter()
-    with sharding.rules_context(sharding.DEFAULT_RULES, mesh):
-        compiled = jax.jit(step).lower(q, k, k, keys).compile()
+    compiled = compile_attention(impl, tpu_mesh(topo), *shape)
     cost = compiled_cost.program_cost(compiled, topo.chip.peak_flops, topo.chip.hbm_bandwidth)
     return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, cost.seconds * 1e3, time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tpu_topology", default="v5p-8")
+    ap.add_argument("--no-tpu", dest="tpu", action="store_false", help="parity only")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv_heads", type=int, default=8)
     ap.add_argument("--head_dim", type=int, default=128)
-    args = ap.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")
+    args = ap.parse_args(argv)
+    figures: dict = dict(parity={}, tpu={})
     impls = ["xla", "splash"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
     print("parity against xla (float32, CPU; splash in interpret mode), max |Δ|:")
     for impl in impls[1:]:
-        out, grad = parity(impl)
+        with jax.default_matmul_precision("highest"):      # exact fp32 matmuls on the CPU; not for the TPU
+            out, grad = parity(impl)
+        figures["parity"][impl] = dict(output=out, gradients=grad)
         print(f"  {impl:7s} output {out:.1e}   q/k/v gradients {grad:.1e}")
+    if not args.tpu:
+        return figures
     if topology.tpu_compiler_version() is None:
         print("TPU compiler: libtpu is not installed (pip install -e '.[tpu]'); skipped")
-        return
+        return figures
     topo = topology.parse(args.tpu_topology)
     shape = (args.batch, args.seq, args.heads, args.kv_heads, args.head_dim)
     print(f"causal attention forward + backward, bf16, B={shape[0]} S={shape[1]} heads={shape[2]} (kv {shape[3]}) "
@@ -98,8 +112,10 @@ def main() -> None:
     for impl in ("xla", "splash"):
         temp, ms, compile_s = on_tpu(impl, topo, *shape)
         base = base or (temp, ms)
+        figures["tpu"][impl] = dict(temp_mib=temp, predicted_ms=ms)
         print(f"  {impl:7s} temporaries {temp:8.1f} MiB/chip ({base[0] / temp:4.1f}x less than xla)   predicted "
               f"{ms:6.2f} ms ({base[1] / ms:4.1f}x faster)   compiled in {compile_s:.0f} s")
+    return figures
 
 
 if __name__ == "__main__":

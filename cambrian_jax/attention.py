@@ -10,7 +10,8 @@
 
 Every implementation takes q [B, T, NH, D], k/v [B, S, KV, D] (NH a multiple of KV) and a key mask
 [B, S] (True = a real token that may be attended to), with causal masking for self-attention, and
-returns [B, T, NH, D]. Masked image cells and padded tokens are excluded as keys exactly as by the XLA
+returns [B, T, NH, D]. (On TPU, Splash needs the default matmul precision when it is lowered: Mosaic
+refuses bf16 operands at jax_default_matmul_precision='highest'.) Masked image cells and padded tokens are excluded as keys exactly as by the XLA
 path; a query row with no allowed key (a fully padded row) gives finite values, which no loss reads.
 
 The kernels run under `shard_map` over the mesh axes the active sharding rules give the batch and the

@@ -15,6 +15,7 @@ import jax
 import pytest
 from flax import nnx
 
+from benchmarks import attention as attention_bench
 from benchmarks import data_throughput, decoder_vs_torch, generate_speed, import_memory
 from benchmarks import train_step as step_bench
 from cambrian_jax import config as config_lib
@@ -164,3 +165,11 @@ def test_mid_config_runlocal_keeps_the_widths_and_shrinks_the_depth():
     assert layers.decoder.num_layers == 7 and layers.connector.aggregator_layers == (0, 3, 6)
     with pytest.raises(ValueError, match="convnext_depths"):
         cambrian_mid.get_config("convnext_depths=3+3")
+
+
+def test_the_attention_benchmark_compares_against_the_reference():
+    """Its parity figures are real comparisons: small (fp32 agreement) but not zero (another computation)."""
+    figures = attention_bench.main(["--no-tpu"])
+    for impl, f in figures["parity"].items():
+        assert 0 < f["output"] < 1e-4 and 0 < f["gradients"] < 1e-4, (impl, f)
+    assert figures["tpu"] == {}
