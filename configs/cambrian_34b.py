@@ -8,8 +8,9 @@ Stage 1 trains the connector (projectors and newline at 1e-3; SVA, in-LLM aggreg
 
 Documented topology: both stages fit on v4-512 (256 chips, 32 GiB each) with accum=2, two rows per
 chip per micro-batch. By the TPU compiler, with Splash attention (model.attention "auto" on TPU) and
-the cross-entropy in 512-position chunks, stage 1 takes 16.08 GiB per chip and stage 2 21.72 and a predicted 9.6 s per
-step raw (10.9 s calibrated, 59 % MFU); without accumulation 27.78 GiB and 11.5 s; the earlier recipe
+the cross-entropy in 512-position chunks, stage 1 takes 16.08 GiB per chip and stage 2 21.72 GiB,
+with a predicted 9.6 s per step raw (10.9 s calibrated, 59 % MFU); without accumulation stage 2 takes
+27.78 GiB and 11.5 s; the earlier recipe
 (accum=4, einsum attention, whole logits) 16.22 GiB and 14.4 s (docs/planning.md: `python -m
 cambrian_jax.plan --config configs/cambrian_34b.py --topology v4-512`). accum=2 is the fastest
 setting that fits with headroom. On another slice pass accum=… so that the 1024 rows split evenly over
