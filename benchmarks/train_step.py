@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import resource
@@ -39,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cambrian_jax import config as config_lib  # noqa: E402
-from cambrian_jax import decoder as decoder_module  # noqa: E402
+from cambrian_jax import attention  # noqa: E402
 from cambrian_jax import flops, layout, sharding  # noqa: E402
 from cambrian_jax.config import IGNORE_INDEX, CambrianConfig  # noqa: E402
 from cambrian_jax.data.pipeline import batch_spec  # noqa: E402
@@ -86,19 +85,17 @@ def contract_batch(cfg: CambrianConfig, batch_size: int, seq_len: int, pixel_for
     return batch
 
 
-def attention_implementation() -> str:
-    """Which attention the decoder's layers run (read from decoder.py, so it stays true if that changes)."""
-    if "dot_product_attention" in inspect.getsource(decoder_module):
-        return "jax.nn.dot_product_attention (implementation as chosen in decoder.py)"
-    return ("decoder.attend: einsum scores + float32 softmax over an explicit [B, T, S] mask, fused by XLA "
-            "(no flash kernel; decoder.py has no switch for jax.nn.dot_product_attention)")
+def attention_implementation(cfg) -> str:
+    """Which attention the decoder's layers run here: model.attention resolved for this backend."""
+    impl = attention.resolve(cfg.attention, jax.devices()[0].platform)
+    return f"{impl} (model.attention={cfg.attention!r}; cambrian_jax/attention.py)"
 
 
 def flash_attention_available() -> str:
     """Whether this backend compiles jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs)."""
     platform = jax.devices()[0].platform
     if platform != "gpu":
-        return f"cuDNN flash attention: not on {platform}" + (" (Splash attention would be the TPU kernel)"
+        return f"cuDNN flash attention: not on {platform}" + (" (Splash is the TPU kernel)"
                                                               if platform == "tpu" else "")
     q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
     try:
@@ -239,7 +236,7 @@ def measure(config, stage_n: int = 2, steps: int = 10, warmup: int = 2, baseline
              hfu=(b.flops_per_step + b.recompute_flops) / step_time / (peak * n_dev), loss=loss,
              memory_gib=memory_gib(b.compiled),
              host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-             attention=attention_implementation(), flash=flash_attention_available())
+             attention=attention_implementation(b.model_cfg), flash=flash_attention_available())
     stats = devices[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         r["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30

@@ -10,9 +10,10 @@
 
 Every implementation takes q [B, T, NH, D], k/v [B, S, KV, D] (NH a multiple of KV) and a key mask
 [B, S] (True = a real token that may be attended to), with causal masking for self-attention, and
-returns [B, T, NH, D]. (On TPU, Splash needs the default matmul precision when it is lowered: Mosaic
-refuses bf16 operands at jax_default_matmul_precision='highest'.) Masked image cells and padded tokens are excluded as keys exactly as by the XLA
-path; a query row with no allowed key (a fully padded row) gives finite values, which no loss reads.
+returns [B, T, NH, D]. Masked image cells and padded tokens are excluded as keys exactly as by the
+XLA path; a query row with no allowed key (a fully padded row) gives finite values, which no loss
+reads. On TPU, Splash needs the default matmul precision when it is lowered (Mosaic refuses bf16
+operands at jax_default_matmul_precision='highest').
 
 The kernels run under `shard_map` over the mesh axes the active sharding rules give the batch and the
 heads (sharding.rules_context), so they compose with FSDP and tensor parallelism; outside a rules
@@ -78,7 +79,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *, imp
     impl = resolve(implementation)
     if impl == "xla":
         t, s = q.shape[1], k.shape[1]
-        allowed = causal_allowed(key_mask, t) if causal else jnp.broadcast_to(key_mask[:, None, :], (q.shape[0], t, s))
+        allowed = (causal_allowed(key_mask, t) if causal
+                   else jnp.broadcast_to(key_mask[:, None, :], (q.shape[0], t, s)))
         return xla(q, k, v, allowed)
     if impl == "splash":
         return _sharded(functools.partial(_splash, causal=causal, interpret=platform() != "tpu"), q, k, v, key_mask)
