@@ -211,9 +211,11 @@ def _kernel_flops(line: str) -> float:
     m = _SPLASH.match(line)
     if not m:
         return 0.0
-    shapes = [[int(x) for x in dims.split(",")] for dims in re.findall(r"\w+\[([\d,]+)\]", m.group(2))]
-    grid = next((d for d in shapes if len(d) == 3 and d[0] == 1), None)
-    q, k = [d for d in shapes if len(d) == 4][:2]
+    operands = [(dtype, [int(x) for x in dims.split(",")])
+                for dtype, dims in re.findall(r"(\w+)\[([\d,]+)\]", m.group(2))]
+    grid = next((d for t, d in operands if t == "s8" and len(d) == 3 and d[0] == 1), None)
+    # q and k are the first floating operands; a batch of one per device loses its axis ([nh, T, d]).
+    q, k = [[1] * (4 - len(d)) + d for t, d in operands if t[0] in "fb" and len(d) in (3, 4)][:2]
     n = grid[1] if grid and grid[1] == grid[2] else 0
     causal = (n + 1) / (2 * n) if n else 1.0
     return _SPLASH_WORK[m.group(1)] * q[0] * q[1] * q[2] * k[2] * q[3] * causal

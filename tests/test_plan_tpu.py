@@ -93,6 +93,19 @@ def test_loop_bodies_count_by_trip_count_as_if_unrolled(v5p8):
     assert unrolled.roofline_seconds == pytest.approx(unrolled.optimal_seconds, rel=0.15)
 
 
+def test_a_splash_call_with_one_row_per_device_is_counted():
+    # With one row per device the kernel's operands lose their batch axis (q [heads, T, d]); the grid
+    # s8[1, 1, 1] is one block a side, so nothing is causally skipped.
+    line = ('  %splash_mha_fwd_segmented_residuals.1 = (f32[128,128]{1,0}) custom-call(%a, %b), '
+            'custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,1,1]{2,1,0}, '
+            's8[1,1,1]{2,1,0}, f32[2,128,16]{2,1,0}, f32[1,128,16]{2,1,0}, f32[1,128,16]{2,1,0}, '
+            's32[128,128]{1,0}}, frontend_attributes={}')
+    assert compiled_cost._kernel_flops(line) == 4 * 2 * 128 * 128 * 16
+    batched = line.replace("f32[2,128,16]", "bf16[3,2,128,16]").replace("f32[1,128,16]", "bf16[3,1,128,16]")
+    assert compiled_cost._kernel_flops(batched) == 3 * 4 * 2 * 128 * 128 * 16
+    assert compiled_cost._kernel_flops(line.replace("splash_mha_fwd", "fusion")) == 0.0
+
+
 @needs_libtpu
 def test_splash_compiles_for_tpu_and_its_kernels_are_counted():
     """Splash is a Pallas custom call that XLA's cost analysis cannot see: compiled_cost counts its FLOPs
