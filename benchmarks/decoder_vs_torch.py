@@ -1,7 +1,7 @@
 """Our decoder's training step against transformers' LlamaForCausalLM in PyTorch: same dims, same weights, fp32.
 
     python benchmarks/decoder_vs_torch.py [--layers 4] [--hidden 512] [--heads 8] [--kv-heads 2] \
-        [--vocab 8192] [--seq 512] [--batch 4] [--steps 5] [--rounds 3]
+        [--vocab 8192] [--seq 512] [--batch 4] [--steps 5] [--rounds 3] [--compare-layouts] [--profile N]
 
 Both sides take a full training step — forward, backward, AdamW update (same hyperparameters, no
 weight decay) — on the same batch, in this process, on the CPU. The JAX decoder is loaded with the
@@ -18,6 +18,7 @@ libraries' CPU GEMMs compare on this machine, which bounds what the step's ratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -35,6 +36,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import cambrian_jax  # noqa: E402,F401  (flax flags)
+from cambrian_jax import attention  # noqa: E402
 from cambrian_jax.config import DecoderConfig  # noqa: E402
 from cambrian_jax.convert.assign import assign  # noqa: E402
 from cambrian_jax.convert.hf_llama import from_hf  # noqa: E402
@@ -137,6 +139,46 @@ class TorchSide:
         return (time.perf_counter() - t) / steps
 
 
+def print_profile(side: JaxSide, top: int, steps: int = 2) -> list[tuple[str, float]]:
+    """The XLA:CPU ops of `steps` traced steps by thread time (summed over the pool's threads), each
+    with the operation it came from (the op_name XLA keeps in the compiled program's metadata)."""
+    import collections  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    hlo = side._step.lower(side.params, side.opt, side.ids).compile().as_text()
+    origin = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo, re.M))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(steps):
+                side.step().block_until_ready()
+        path = next(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb"))
+        data = jax.profiler.ProfileData.from_file(path)
+    ns = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLAEigen"):        # the threads that run the compiled ops
+                for ev in line.events:
+                    if ev.name in origin:
+                        ns[ev.name] += ev.duration_ns
+    total = sum(ns.values())
+    print(f"profile: {total / steps / 1e9:.3f} thread-s of XLA ops per step; the {top} largest:")
+    for name, t in ns.most_common(top):
+        where = re.sub(r"jit\(step\)/|while/body/|closed_call/", "", origin[name])
+        print(f"  {t / steps / 1e9:7.3f} s {100 * t / total:5.1f} %  {name:32s} {where[:90]}")
+    return [(name, t / steps / 1e9) for name, t in ns.most_common(top)]
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -149,6 +191,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="steps per side per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--matmul", type=int, default=1024, help="side of the baseline matmul")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, trace two JAX steps and print the N XLA ops that took the most thread time")
+    p.add_argument("--compare-layouts", action="store_true",
+                   help="also time the step with the XLA attention in its TPU layout (attention._grouped)")
     a = p.parse_args(argv)
     cfg = DecoderConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3 // 64 * 64 or 64,
                         num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads)
@@ -160,16 +206,23 @@ def main(argv=None) -> dict:
     hf_model = torch_model(cfg)
     jx = JaxSide(cfg, hf_model, ids)          # copies the weights before PyTorch's first update
     th = TorchSide(hf_model, ids)
+    grouped = JaxSide(cfg, hf_model, ids) if a.compare_layouts else None
     t = time.perf_counter()
     loss_jax = float(jx.step())               # compiles
     compile_s = time.perf_counter() - t
+    if grouped is not None:
+        # Traced (by its first step) with the layout attention.xla uses off the CPU; later steps reuse it.
+        with _patched(attention, "_heads_first", attention._grouped):
+            loss_grouped = float(grouped.step())
     loss_torch = th.step()
     print(f"first-step loss: jax {loss_jax:.6f}, pytorch {loss_torch:.6f} (relative difference "
           f"{abs(loss_jax - loss_torch) / abs(loss_torch):.1e}); jax compile + first step {compile_s:.1f} s")
-    rounds, matmuls = [], []
+    rounds, matmuls, layouts = [], [], []
     for _ in range(a.rounds):
         rounds.append((jx.timed(a.steps), th.timed(a.steps)))
         matmuls.append(matmul_seconds(a.matmul))
+        if grouped is not None:
+            layouts.append(grouped.timed(a.steps) / rounds[-1][0])
     ratios = [tt / tj for tj, tt in rounds]
     matmul_ratios = [mt / mj for mj, mt in matmuls]
     tj = statistics.median(r[0] for r in rounds)
@@ -185,7 +238,13 @@ def main(argv=None) -> dict:
     print(f"throughput ratio jax/pytorch: training step {ratio:.2f}× (per round: "
           f"{', '.join(f'{r:.2f}' for r in ratios)}); plain matmul {matmul_ratio:.2f}× (per round: "
           f"{', '.join(f'{r:.2f}' for r in matmul_ratios)}); jax step compiled {compiles}×")
-    return dict(tokens_per_step=tokens, loss_jax=loss_jax, loss_torch=loss_torch, compile_s=compile_s,
+    profile = print_profile(jx, a.profile) if a.profile else None
+    if layouts:
+        print(f"xla attention, heads-first layout (the CPU's) against the grouped one (TPU's; first-step loss "
+              f"{loss_grouped:.6f}): step throughput "
+              f"{statistics.median(layouts):.2f}× (per round: {', '.join(f'{r:.2f}' for r in layouts)})")
+    return dict(profile=profile, layout_ratio=statistics.median(layouts) if layouts else None,
+                loss_grouped=loss_grouped if layouts else None, tokens_per_step=tokens, loss_jax=loss_jax, loss_torch=loss_torch, compile_s=compile_s,
                 jax_compiles=compiles, rounds=rounds, ratios=ratios, ratio=ratio, jax_step=tj, torch_step=tt,
                 jax_tokens_per_sec=tokens / tj, torch_tokens_per_sec=tokens / tt,
                 matmuls=matmuls, matmul_ratios=matmul_ratios, matmul_ratio=matmul_ratio)

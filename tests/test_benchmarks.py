@@ -99,8 +99,11 @@ def test_feeding_ratio_is_pipeline_rate_over_step_rate(step, monkeypatch):
 
 def test_decoder_vs_torch_same_start_and_ratio_of_medians_per_round():
     r = decoder_vs_torch.main(["--layers", "1", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "128",
-                               "--seq", "16", "--batch", "2", "--steps", "2", "--rounds", "3", "--matmul", "64"])
+                               "--seq", "16", "--batch", "2", "--steps", "2", "--rounds", "3", "--matmul", "64",
+                               "--compare-layouts", "--profile", "3"])
     assert r["loss_jax"] == pytest.approx(r["loss_torch"], rel=1e-5)      # same weights, same batch, fp32
+    assert r["loss_grouped"] == pytest.approx(r["loss_jax"], rel=1e-6) and r["layout_ratio"] > 0
+    assert len(r["profile"]) == 3 and all(s > 0 for _, s in r["profile"])
     assert r["jax_compiles"] == 1
     assert r["ratios"] == [tt / tj for tj, tt in r["rounds"]]
     assert r["ratio"] == statistics.median(r["ratios"]) > 0
