@@ -170,17 +170,40 @@ def _env() -> dict:
     return env
 
 
+# An accuracy the main job's model scores on the 40-question synthetic split (0.000-1.000, three decimals)
+# may differ from the one shown by one question of its smallest group (13): XLA rounds differently on
+# another processor, and 600 training steps amplify it (as TABLE_TOLERANCE for the 240-question table).
+ACCURACY = re.compile(r"^[01]\.\d{3}$")
+EXAMPLE_ACCURACY_TOLERANCE = 1 / 13 + 1e-3
+
+
+def _same_line(shown: str, printed: str) -> bool:
+    a, b = shown.split(), printed.split()
+    return len(a) == len(b) and all(
+        x == y or (ACCURACY.match(x) and ACCURACY.match(y) and abs(float(x) - float(y)) <= EXAMPLE_ACCURACY_TOLERANCE)
+        for x, y in zip(a, b))
+
+
 def _shown_in(expected: str, got: str) -> bool:
-    """Every non-empty line shown appears in the output, in order (whitespace runs compared as one)."""
+    """Every non-empty line shown appears in the output, in order (whitespace runs compared as one;
+    accuracies within EXAMPLE_ACCURACY_TOLERANCE)."""
     norm = [" ".join(line.split()) for line in got.splitlines()]
     pos = 0
     for line in (" ".join(x.split()) for x in expected.splitlines() if x.strip()):
-        while pos < len(norm) and norm[pos] != line:
+        while pos < len(norm) and not _same_line(line, norm[pos]):
             pos += 1
         if pos == len(norm):
             return False
         pos += 1
     return True
+
+
+def test_shown_output_allows_one_question_in_an_accuracy_and_nothing_else():
+    shown = "task count                        0.429   0.286   0.250     14"
+    assert _shown_in(shown, "x\ntask count 0.357 0.286 0.250 14\ny")           # one question of 14 fewer
+    assert not _shown_in(shown, "task count 0.286 0.286 0.250 14")              # two
+    assert not _shown_in(shown, "task count 0.429 0.286 0.250 13")              # a count is exact
+    assert not _shown_in(shown, "task depth 0.429 0.286 0.250 14")              # and so is every word
 
 
 @pytest.mark.parametrize("block", examples(), ids=_id)
