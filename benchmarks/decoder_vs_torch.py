@@ -244,7 +244,8 @@ def main(argv=None) -> dict:
               f"{loss_grouped:.6f}): step throughput "
               f"{statistics.median(layouts):.2f}× (per round: {', '.join(f'{r:.2f}' for r in layouts)})")
     return dict(profile=profile, layout_ratio=statistics.median(layouts) if layouts else None,
-                loss_grouped=loss_grouped if layouts else None, tokens_per_step=tokens, loss_jax=loss_jax, loss_torch=loss_torch, compile_s=compile_s,
+                loss_grouped=loss_grouped if layouts else None, tokens_per_step=tokens, loss_jax=loss_jax,
+                loss_torch=loss_torch, compile_s=compile_s,
                 jax_compiles=compiles, rounds=rounds, ratios=ratios, ratio=ratio, jax_step=tj, torch_step=tt,
                 jax_tokens_per_sec=tokens / tj, torch_tokens_per_sec=tokens / tt,
                 matmuls=matmuls, matmul_ratios=matmul_ratios, matmul_ratio=matmul_ratio)

@@ -59,7 +59,7 @@ def _heads_first(q, k, v, allowed):
     # The heads moved in front of the sequence, so each matmul is a plain batched one over (batch, KV
     # head) with a group's G query heads stacked along the rows. In _grouped's layout XLA:CPU ran
     # these dots and their gradients at a fraction of its GEMM rate and transposed the float32 scores
-    # in the backward (benchmarks/decoder_vs_torch.py: the step 1.13x faster this way).
+    # in the backward (benchmarks/decoder_vs_torch.py --compare-layouts: the step 1.15x faster this way).
     b, t, nh, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     g = nh // kv
